@@ -915,8 +915,8 @@ mod tests {
         // Two 2x2 squares touching at a corner, and a lone pixel.
         #[rustfmt::skip]
         let mask = [
-            1, 1, 0, 0, 0,
             1, 1, 0, 0, 1,
+            1, 1, 0, 0, 0,
             0, 0, 1, 1, 0,
             0, 0, 1, 1, 0,
         ].map(|v| v == 1);
@@ -924,7 +924,7 @@ mod tests {
         assert_eq!(count, 2);
         assert_eq!(labels[0], 1);
         assert_eq!(labels[18], 1);
-        assert_eq!(labels[9], 2);
+        assert_eq!(labels[4], 2);
         assert_eq!(labels[2], 0);
     }
 

@@ -20,7 +20,9 @@
 //! assert_eq!(post.image_threshold, 0.9);
 //! assert_eq!(post.normalize_score(0.9), 0.5);
 //! assert!(!post.image_label(0.9));
-//! assert_eq!(post.normalize_map(&[0.8, 0.0]), vec![1.0, 0.0]);
+//! assert_eq!(post.pixel_threshold, 0.8);
+//! assert_eq!(post.normalize_map(&[0.8, 0.0, 5.0]), vec![0.5, 0.0, 1.0]);
+//! assert_eq!(post.pixel_mask(&[0.8, 0.81]), vec![false, true]);
 //! # Ok::<(), dsr_train::metrics::MetricsError>(())
 //! ```
 
