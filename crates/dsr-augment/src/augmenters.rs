@@ -52,7 +52,14 @@ impl AnomalibAugmenter {
     /// Applies the augmenter in place to a 3×`h`×`w` planar RGB buffer.
     ///
     /// `solarize_threshold` is the threshold drawn once per generator (only [`Self::Solarize`] uses it).
-    pub fn apply<R: Rng + ?Sized>(self, img: &mut [f32], h: usize, w: usize, solarize_threshold: f32, rng: &mut R) {
+    pub fn apply<R: Rng + ?Sized>(
+        self,
+        img: &mut [f32],
+        h: usize,
+        w: usize,
+        solarize_threshold: f32,
+        rng: &mut R,
+    ) {
         match self {
             AnomalibAugmenter::Contrast => {
                 let f = rng.random_range(0.5f32..=2.0);
@@ -96,7 +103,9 @@ fn warp(img: &mut [f32], h: usize, w: usize, m: &Inverse, interp: Interp) {
 
 /// torchvision's ITU-R 601-2 luma weights.
 fn grayscale(img: &[f32], plane: usize) -> Vec<f32> {
-    (0..plane).map(|p| 0.2989 * img[p] + 0.587 * img[plane + p] + 0.114 * img[2 * plane + p]).collect()
+    (0..plane)
+        .map(|p| 0.2989 * img[p] + 0.587 * img[plane + p] + 0.114 * img[2 * plane + p])
+        .collect()
 }
 
 fn blend_value(x: f32, other: f32, factor: f32) -> f32 {
@@ -256,8 +265,16 @@ fn equalize(img: &mut [f32], h: usize, w: usize) {
 fn autocontrast(img: &mut [f32], h: usize, w: usize) {
     let plane = h * w;
     for ch in img.chunks_exact_mut(plane) {
-        let (lo, hi) = ch.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-        let (lo, scale) = if hi > lo { (lo, 1.0 / (hi - lo)) } else { (0.0, 1.0) };
+        let (lo, hi) = ch
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+        let (lo, scale) = if hi > lo {
+            (lo, 1.0 / (hi - lo))
+        } else {
+            (0.0, 1.0)
+        };
         for v in ch.iter_mut() {
             *v = ((*v - lo) * scale).clamp(0.0, 1.0);
         }
@@ -342,7 +359,13 @@ fn auto_augment<R: Rng + ?Sized>(img: &mut [f32], h: usize, w: usize, rng: &mut 
             AutoOp::ShearX => {
                 // torchvision shears about the top-left corner: source x = x + s·(y + 0.5).
                 let s = sign * linspace(0.0, 0.3, bin);
-                warp(img, h, w, &[1.0, s, 0.5 * s, 0.0, 1.0, 0.0], Interp::Nearest);
+                warp(
+                    img,
+                    h,
+                    w,
+                    &[1.0, s, 0.5 * s, 0.0, 1.0, 0.0],
+                    Interp::Nearest,
+                );
             }
             AutoOp::Invert => invert(img),
         }
@@ -370,9 +393,13 @@ mod tests {
     fn equalize_spreads_a_narrow_histogram() {
         // Large enough that torchvision's step (pixels outside the top bin / 255) is not zero.
         let (h, w) = (64, 64);
-        let mut img: Vec<f32> = (0..3 * h * w).map(|i| 0.4 + 0.1 * ((i % (h * w)) as f32 / (h * w) as f32)).collect();
+        let mut img: Vec<f32> = (0..3 * h * w)
+            .map(|i| 0.4 + 0.1 * ((i % (h * w)) as f32 / (h * w) as f32))
+            .collect();
         equalize(&mut img, h, w);
-        let (lo, hi) = img.iter().fold((1.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let (lo, hi) = img
+            .iter()
+            .fold((1.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         assert!(lo < 0.05 && hi > 0.9, "range {lo}..{hi}");
     }
 
@@ -394,7 +421,10 @@ mod tests {
             for _ in 0..20 {
                 let mut img: Vec<f32> = (0..3 * h * w).map(|_| rng.random::<f32>()).collect();
                 aug.apply(&mut img, h, w, 0.3, &mut rng);
-                assert!(img.iter().all(|v| (-1e-6..=1.0 + 1e-6).contains(v)), "{aug:?}");
+                assert!(
+                    img.iter().all(|v| (-1e-6..=1.0 + 1e-6).contains(v)),
+                    "{aug:?}"
+                );
             }
         }
     }

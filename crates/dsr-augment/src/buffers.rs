@@ -16,13 +16,20 @@ pub struct Mask {
 impl Mask {
     /// An all-zero (normal) mask.
     pub fn zeros(h: usize, w: usize) -> Self {
-        Mask { h, w, data: vec![0.0; h * w] }
+        Mask {
+            h,
+            w,
+            data: vec![0.0; h * w],
+        }
     }
 
     /// Wraps a buffer, checking its length.
     pub fn new(h: usize, w: usize, data: Vec<f32>) -> Result<Self, AugmentError> {
         if data.len() != h * w {
-            return Err(AugmentError::ShapeMismatch { shape: vec![h, w], len: data.len() });
+            return Err(AugmentError::ShapeMismatch {
+                shape: vec![h, w],
+                len: data.len(),
+            });
         }
         Ok(Mask { h, w, data })
     }
@@ -54,13 +61,21 @@ pub struct Image {
 impl Image {
     /// An image whose every value is `value`.
     pub fn filled(c: usize, h: usize, w: usize, value: f32) -> Self {
-        Image { c, h, w, data: vec![value; c * h * w] }
+        Image {
+            c,
+            h,
+            w,
+            data: vec![value; c * h * w],
+        }
     }
 
     /// Wraps a buffer, checking its length.
     pub fn new(c: usize, h: usize, w: usize, data: Vec<f32>) -> Result<Self, AugmentError> {
         if data.len() != c * h * w {
-            return Err(AugmentError::ShapeMismatch { shape: vec![c, h, w], len: data.len() });
+            return Err(AugmentError::ShapeMismatch {
+                shape: vec![c, h, w],
+                len: data.len(),
+            });
         }
         Ok(Image { c, h, w, data })
     }
@@ -68,7 +83,10 @@ impl Image {
     /// Builds an image from interleaved 8-bit RGB pixels (HWC), scaling by 1/255.
     pub fn from_rgb8(h: usize, w: usize, rgb: &[u8]) -> Result<Self, AugmentError> {
         if rgb.len() != 3 * h * w {
-            return Err(AugmentError::ShapeMismatch { shape: vec![h, w, 3], len: rgb.len() });
+            return Err(AugmentError::ShapeMismatch {
+                shape: vec![h, w, 3],
+                len: rgb.len(),
+            });
         }
         let plane = h * w;
         let mut data = vec![0.0; 3 * plane];
@@ -113,7 +131,13 @@ impl MaskBatch {
 
     /// Splits the batch into individual masks.
     pub fn to_masks(&self) -> Vec<Mask> {
-        (0..self.n).map(|i| Mask { h: self.h, w: self.w, data: self.mask(i).to_vec() }).collect()
+        (0..self.n)
+            .map(|i| Mask {
+                h: self.h,
+                w: self.w,
+                data: self.mask(i).to_vec(),
+            })
+            .collect()
     }
 }
 
@@ -134,9 +158,18 @@ pub struct ImageBatch {
 
 impl ImageBatch {
     /// Wraps a contiguous N×C×H×W buffer, checking its length.
-    pub fn new(n: usize, c: usize, h: usize, w: usize, data: Vec<f32>) -> Result<Self, AugmentError> {
+    pub fn new(
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        data: Vec<f32>,
+    ) -> Result<Self, AugmentError> {
         if data.len() != n * c * h * w {
-            return Err(AugmentError::ShapeMismatch { shape: vec![n, c, h, w], len: data.len() });
+            return Err(AugmentError::ShapeMismatch {
+                shape: vec![n, c, h, w],
+                len: data.len(),
+            });
         }
         Ok(ImageBatch { n, c, h, w, data })
     }
@@ -144,7 +177,13 @@ impl ImageBatch {
     /// Concatenates images of one shape into a batch.
     pub fn from_images(images: &[Image]) -> Result<Self, AugmentError> {
         let Some(first) = images.first() else {
-            return Ok(ImageBatch { n: 0, c: 0, h: 0, w: 0, data: Vec::new() });
+            return Ok(ImageBatch {
+                n: 0,
+                c: 0,
+                h: 0,
+                w: 0,
+                data: Vec::new(),
+            });
         };
         let mut data = Vec::with_capacity(images.len() * first.data.len());
         for img in images {
@@ -154,7 +193,13 @@ impl ImageBatch {
             }
             data.extend_from_slice(&img.data);
         }
-        Ok(ImageBatch { n: images.len(), c: first.c, h: first.h, w: first.w, data })
+        Ok(ImageBatch {
+            n: images.len(),
+            c: first.c,
+            h: first.h,
+            w: first.w,
+            data,
+        })
     }
 
     /// The `i`-th image as a slice of `c * h * w` values.
@@ -165,7 +210,12 @@ impl ImageBatch {
 
     /// A copy of the `i`-th image.
     pub fn image(&self, i: usize) -> Image {
-        Image { c: self.c, h: self.h, w: self.w, data: self.image_slice(i).to_vec() }
+        Image {
+            c: self.c,
+            h: self.h,
+            w: self.w,
+            data: self.image_slice(i).to_vec(),
+        }
     }
 
     pub(crate) fn check(&self) -> Result<(), AugmentError> {

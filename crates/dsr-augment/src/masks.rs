@@ -29,14 +29,23 @@ pub(crate) struct NoiseRecipe {
 
 impl NoiseRecipe {
     /// anomalib `DsrAnomalyGenerator`: padded noise, rescue, nearest rotation.
-    pub const ANOMALIB_PHASE2: NoiseRecipe =
-        NoiseRecipe { padding: PerlinPadding::NextPowerOfTwo, rescue: true, interp: Interp::Nearest };
+    pub const ANOMALIB_PHASE2: NoiseRecipe = NoiseRecipe {
+        padding: PerlinPadding::NextPowerOfTwo,
+        rescue: true,
+        interp: Interp::Nearest,
+    };
     /// anomalib `PerlinAnomalyGenerator`: padded noise, rescue, bilinear rotation with torchvision fill.
-    pub const ANOMALIB_PHASE3: NoiseRecipe =
-        NoiseRecipe { padding: PerlinPadding::NextPowerOfTwo, rescue: true, interp: Interp::BilinearTorch };
+    pub const ANOMALIB_PHASE3: NoiseRecipe = NoiseRecipe {
+        padding: PerlinPadding::NextPowerOfTwo,
+        rescue: true,
+        interp: Interp::BilinearTorch,
+    };
     /// Original code: noise on the exact size, no rescue, imgaug-style bilinear rotation.
-    pub const ORIGINAL: NoiseRecipe =
-        NoiseRecipe { padding: PerlinPadding::Exact, rescue: false, interp: Interp::BilinearZero };
+    pub const ORIGINAL: NoiseRecipe = NoiseRecipe {
+        padding: PerlinPadding::Exact,
+        rescue: false,
+        interp: Interp::BilinearZero,
+    };
 }
 
 /// Draws scales 2^[0, 6) per axis, generates the noise, applies the rescue if the recipe has one and
@@ -55,7 +64,11 @@ pub(crate) fn rotated_noise<R: Rng + ?Sized>(
     if recipe.rescue && !scratch.iter().any(|&v| v > THRESHOLD) {
         // anomalib rescales noise with no value above the threshold to [0, 1] and then to [−1, 1], so
         // its maximum becomes 1 and some pixels survive the threshold unless the rotation moves them out.
-        let (lo, hi) = scratch.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let (lo, hi) = scratch
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
         let span = hi - lo;
         if span > 0.0 {
             for v in scratch.iter_mut() {
@@ -96,7 +109,10 @@ pub struct MaskGenerator {
 impl MaskGenerator {
     /// A generator with the reference probability 0.5.
     pub fn new(recipe: Recipe) -> Self {
-        MaskGenerator { recipe, p_anomalous: 0.5 }
+        MaskGenerator {
+            recipe,
+            p_anomalous: 0.5,
+        }
     }
 
     /// Sets the probability that a mask is anomalous.
@@ -109,7 +125,12 @@ impl MaskGenerator {
     }
 
     /// Generates one `h`×`w` mask. Both sides must be positive multiples of 32.
-    pub fn generate<R: Rng + ?Sized>(&self, h: usize, w: usize, rng: &mut R) -> Result<Mask, AugmentError> {
+    pub fn generate<R: Rng + ?Sized>(
+        &self,
+        h: usize,
+        w: usize,
+        rng: &mut R,
+    ) -> Result<Mask, AugmentError> {
         check_size(h, w)?;
         let mut mask = Mask::zeros(h, w);
         let mut scratch = vec![0.0; h * w];
@@ -153,11 +174,13 @@ impl MaskGenerator {
         check_size(h, w)?;
         let seeds = child_seeds(rng, n);
         let mut data = vec![0.0; n * h * w];
-        data.par_chunks_mut(h * w).zip(seeds.par_iter()).try_for_each(|(out, &seed)| {
-            let mut child = ChaCha8Rng::seed_from_u64(seed);
-            let mut scratch = vec![0.0; h * w];
-            self.generate_into(h, w, &mut child, &mut scratch, out)
-        })?;
+        data.par_chunks_mut(h * w)
+            .zip(seeds.par_iter())
+            .try_for_each(|(out, &seed)| {
+                let mut child = ChaCha8Rng::seed_from_u64(seed);
+                let mut scratch = vec![0.0; h * w];
+                self.generate_into(h, w, &mut child, &mut scratch, out)
+            })?;
         Ok(MaskBatch { n, h, w, data })
     }
 }
@@ -179,16 +202,35 @@ pub fn rotate_image_randomly<R: Rng + ?Sized>(
         return Err(AugmentError::Probability(probability));
     }
     image.check()?;
-    Ok(rotate_slice(&mut image.data, image.h, image.w, probability, rng))
+    Ok(rotate_slice(
+        &mut image.data,
+        image.h,
+        image.w,
+        probability,
+        rng,
+    ))
 }
 
-fn rotate_slice<R: Rng + ?Sized>(data: &mut [f32], h: usize, w: usize, probability: f32, rng: &mut R) -> bool {
+fn rotate_slice<R: Rng + ?Sized>(
+    data: &mut [f32],
+    h: usize,
+    w: usize,
+    probability: f32,
+    rng: &mut R,
+) -> bool {
     if rng.random::<f32>() >= probability {
         return false;
     }
     let angle = rng.random_range(-90.0f32..=90.0);
     let src = data.to_vec();
-    warp_planes(&src, data, h, w, &rotation(h, w, angle), Interp::BilinearZero);
+    warp_planes(
+        &src,
+        data,
+        h,
+        w,
+        &rotation(h, w, angle),
+        Interp::BilinearZero,
+    );
     true
 }
 
@@ -213,6 +255,8 @@ pub fn rotate_images_randomly<R: Rng + ?Sized>(
         .data
         .par_chunks_mut(size)
         .zip(seeds.par_iter())
-        .map(|(img, &seed)| rotate_slice(img, h, w, probability, &mut ChaCha8Rng::seed_from_u64(seed)))
+        .map(|(img, &seed)| {
+            rotate_slice(img, h, w, probability, &mut ChaCha8Rng::seed_from_u64(seed))
+        })
         .collect())
 }

@@ -58,14 +58,22 @@ pub(crate) fn perlin_noise_into<R: Rng + ?Sized>(
         return Err(AugmentError::InvalidSize { height, width });
     }
     if out.len() != height * width {
-        return Err(AugmentError::ShapeMismatch { shape: vec![height, width], len: out.len() });
+        return Err(AugmentError::ShapeMismatch {
+            shape: vec![height, width],
+            len: out.len(),
+        });
     }
     let (ph, pw) = match padding {
         PerlinPadding::NextPowerOfTwo => (height.next_power_of_two(), width.next_power_of_two()),
         PerlinPadding::Exact => (height, width),
     };
     if res_h == 0 || res_w == 0 || ph % res_h != 0 || pw % res_w != 0 {
-        return Err(AugmentError::InvalidResolution { res_h, res_w, height: ph, width: pw });
+        return Err(AugmentError::InvalidResolution {
+            res_h,
+            res_w,
+            height: ph,
+            width: pw,
+        });
     }
     let (dh, dw) = (ph / res_h, pw / res_w);
     let stride = res_w + 1;

@@ -45,13 +45,19 @@ fn grid(
             }
         }
     }
-    RgbImage { width, height, pixels }
+    RgbImage {
+        width,
+        height,
+        pixels,
+    }
 }
 
 /// A grid of masks (white = anomalous) with `columns` columns.
 pub fn mask_grid(masks: &MaskBatch, columns: usize) -> RgbImage {
     let (h, w) = (masks.h, masks.w);
-    grid(masks.n, h, w, columns, 2, |t, y, x, _| masks.mask(t)[y * w + x])
+    grid(masks.n, h, w, columns, 2, |t, y, x, _| {
+        masks.mask(t)[y * w + x]
+    })
 }
 
 /// A grid of images with their mask outlines drawn in red; pass `None` for no outlines.

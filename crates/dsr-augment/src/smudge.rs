@@ -44,7 +44,11 @@ impl SmudgeGenerator {
     /// Creates a generator, drawing the solarize threshold from `rng`.
     pub fn new<R: Rng + ?Sized>(recipe: Recipe, rng: &mut R) -> Self {
         let solarize_threshold = rng.random_range(32.0f32 / 255.0..128.0 / 255.0);
-        SmudgeGenerator { recipe, p_anomalous: 0.5, solarize_threshold }
+        SmudgeGenerator {
+            recipe,
+            p_anomalous: 0.5,
+            solarize_threshold,
+        }
     }
 
     /// Sets the probability that an image receives a smudge.
@@ -58,7 +62,11 @@ impl SmudgeGenerator {
 
     /// Smudges one 3-channel image whose sides are positive multiples of 32. Returns the augmented image
     /// and its mask.
-    pub fn apply<R: Rng + ?Sized>(&self, image: &Image, rng: &mut R) -> Result<(Image, Mask), AugmentError> {
+    pub fn apply<R: Rng + ?Sized>(
+        &self,
+        image: &Image,
+        rng: &mut R,
+    ) -> Result<(Image, Mask), AugmentError> {
         image.check()?;
         check_image(image.c, image.h, image.w)?;
         let mut out = image.clone();
@@ -78,7 +86,12 @@ impl SmudgeGenerator {
         let (h, w) = (images.h, images.w);
         let seeds = child_seeds(rng, images.n);
         let mut out = images.clone();
-        let mut masks = MaskBatch { n: images.n, h, w, data: vec![0.0; images.n * h * w] };
+        let mut masks = MaskBatch {
+            n: images.n,
+            h,
+            w,
+            data: vec![0.0; images.n * h * w],
+        };
         if images.n == 0 {
             return Ok((out, masks));
         }
@@ -124,7 +137,14 @@ impl SmudgeGenerator {
             }
             Recipe::Anomalib => {
                 for _ in 0..=ANOMALIB_RETRIES {
-                    rotated_noise(NoiseRecipe::ANOMALIB_PHASE3, h, w, rng, &mut scratch, &mut noise)?;
+                    rotated_noise(
+                        NoiseRecipe::ANOMALIB_PHASE3,
+                        h,
+                        w,
+                        rng,
+                        &mut scratch,
+                        &mut noise,
+                    )?;
                     threshold_into(&noise, mask);
                     if mask.iter().any(|&m| m > 0.5) {
                         break;
@@ -142,7 +162,13 @@ impl SmudgeGenerator {
                 for k in 0..3 {
                     let j = rng.random_range(k..order.len());
                     order.swap(k, j);
-                    ANOMALIB_AUGMENTERS[order[k]].apply(&mut texture, h, w, self.solarize_threshold, rng);
+                    ANOMALIB_AUGMENTERS[order[k]].apply(
+                        &mut texture,
+                        h,
+                        w,
+                        self.solarize_threshold,
+                        rng,
+                    );
                 }
                 let beta = rng.random_range(0.2f32..1.0);
                 for (ch, tex) in img.chunks_exact_mut(plane).zip(texture.chunks_exact(plane)) {

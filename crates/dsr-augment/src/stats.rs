@@ -65,7 +65,11 @@ impl SampleStats {
     /// Measures one mask and, for phase 3, the input and augmented images (C×H×W each).
     pub fn measure(mask: &[f32], h: usize, w: usize, images: Option<(&[f32], &[f32])>) -> Self {
         let mask_pixels = mask.iter().filter(|&&m| m > 0.5).count();
-        let components = if mask_pixels > 0 { connected_components(mask, h, w) } else { 0 };
+        let components = if mask_pixels > 0 {
+            connected_components(mask, h, w)
+        } else {
+            0
+        };
         let mut stats = SampleStats {
             mask_pixels,
             coverage: mask_pixels as f64 / (h * w) as f64,
@@ -142,16 +146,29 @@ fn mean_std(values: &[f64]) -> (f64, f64) {
 
 fn binomial(count: usize, n: usize) -> Estimate {
     let p = count as f64 / n as f64;
-    Estimate { value: p, se: (p * (1.0 - p) / n as f64).sqrt(), n }
+    Estimate {
+        value: p,
+        se: (p * (1.0 - p) / n as f64).sqrt(),
+        n,
+    }
 }
 
 fn mean_estimate(values: &[f64]) -> Estimate {
     let (mean, std) = mean_std(values);
-    Estimate { value: mean, se: std / (values.len() as f64).sqrt(), n: values.len() }
+    Estimate {
+        value: mean,
+        se: std / (values.len() as f64).sqrt(),
+        n: values.len(),
+    }
 }
 
 /// Bootstrap standard error of `stat` over `values` with `resamples` seeded resamples.
-fn bootstrap_se<T: Copy>(values: &[T], resamples: usize, seed: u64, stat: impl Fn(&[T]) -> f64) -> f64 {
+fn bootstrap_se<T: Copy>(
+    values: &[T],
+    resamples: usize,
+    seed: u64,
+    stat: impl Fn(&[T]) -> f64,
+) -> f64 {
     if values.is_empty() || resamples < 2 {
         return f64::NAN;
     }
@@ -183,7 +200,8 @@ impl Summary {
                 percentile(&v, q)
             }
         };
-        let boot = |seed: u64, f: &dyn Fn(&[f64]) -> f64| bootstrap_se(&coverage, bootstrap, seed, f);
+        let boot =
+            |seed: u64, f: &dyn Fn(&[f64]) -> f64| bootstrap_se(&coverage, bootstrap, seed, f);
         let std_of = |v: &[f64]| mean_std(v).1;
         let est = |value: f64, se: f64| Estimate { value, se, n: m };
         let phase3 = samples.first().is_some_and(|s| s.unchanged.is_some());
@@ -194,18 +212,28 @@ impl Summary {
                 .map(|s| (s.abs_change_in_mask, s.mask_pixels as f64))
                 .collect();
             // The per-image mean divides by 3 channels times the mask pixels, like the fixture.
-            let per_image: Vec<f64> = channels_pixels.iter().map(|(sum, px)| sum / (3.0 * px)).collect();
+            let per_image: Vec<f64> = channels_pixels
+                .iter()
+                .map(|(sum, px)| sum / (3.0 * px))
+                .collect();
             let pooled = |v: &[(f64, f64)]| {
                 let (s, p) = v.iter().fold((0.0, 0.0), |(s, p), (a, b)| (s + a, p + b));
                 s / (3.0 * p)
             };
             let pooled_value = pooled(&channels_pixels);
             let pooled_se = bootstrap_se(&channels_pixels, bootstrap, 6, pooled);
-            let max_outside = samples.iter().map(|s| s.max_abs_change_outside).fold(0.0, f64::max);
+            let max_outside = samples
+                .iter()
+                .map(|s| s.max_abs_change_outside)
+                .fold(0.0, f64::max);
             (
                 Some(binomial(unchanged, n)),
                 Some(mean_estimate(&per_image)),
-                Some(Estimate { value: pooled_value, se: pooled_se, n: m }),
+                Some(Estimate {
+                    value: pooled_value,
+                    se: pooled_se,
+                    n: m,
+                }),
                 Some(max_outside),
             )
         } else {
@@ -216,9 +244,18 @@ impl Summary {
             frac_empty_masks: binomial(n - m, n),
             coverage_mean: mean_estimate(&coverage),
             coverage_std: est(std_of(&coverage), boot(1, &std_of)),
-            coverage_p10: est(percentile(&coverage, 10.0), boot(2, &sorted_percentile(10.0))),
-            coverage_p50: est(percentile(&coverage, 50.0), boot(3, &sorted_percentile(50.0))),
-            coverage_p90: est(percentile(&coverage, 90.0), boot(4, &sorted_percentile(90.0))),
+            coverage_p10: est(
+                percentile(&coverage, 10.0),
+                boot(2, &sorted_percentile(10.0)),
+            ),
+            coverage_p50: est(
+                percentile(&coverage, 50.0),
+                boot(3, &sorted_percentile(50.0)),
+            ),
+            coverage_p90: est(
+                percentile(&coverage, 90.0),
+                boot(4, &sorted_percentile(90.0)),
+            ),
             mean_components: mean_estimate(&components),
             frac_unchanged_images,
             change_per_image_mean,

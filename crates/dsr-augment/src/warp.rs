@@ -28,7 +28,14 @@ pub(crate) fn rotation(h: usize, w: usize, degrees: f32) -> Inverse {
 }
 
 /// Warps every `h`×`w` plane of `src` (a multiple of `h * w` long) into `dst`.
-pub(crate) fn warp_planes(src: &[f32], dst: &mut [f32], h: usize, w: usize, m: &Inverse, interp: Interp) {
+pub(crate) fn warp_planes(
+    src: &[f32],
+    dst: &mut [f32],
+    h: usize,
+    w: usize,
+    m: &Inverse,
+    interp: Interp,
+) {
     let plane = h * w;
     for (s, d) in src.chunks_exact(plane).zip(dst.chunks_exact_mut(plane)) {
         warp_plane(s, d, h, w, m, interp);
@@ -112,7 +119,14 @@ mod tests {
     fn half_turn_reverses_a_square() {
         let src: Vec<f32> = (0..16).map(|v| v as f32).collect();
         let mut dst = vec![0.0; 16];
-        warp_planes(&src, &mut dst, 4, 4, &rotation(4, 4, 180.0), Interp::Nearest);
+        warp_planes(
+            &src,
+            &mut dst,
+            4,
+            4,
+            &rotation(4, 4, 180.0),
+            Interp::Nearest,
+        );
         let reversed: Vec<f32> = src.iter().rev().copied().collect();
         assert_eq!(dst, reversed);
     }

@@ -1,8 +1,8 @@
 //! Property tests: shapes, value ranges, errors, untouched pixels and determinism.
 
 use dsr_augment::{
-    perlin_noise, rotate_images_randomly, AugmentError, Image, ImageBatch, MaskGenerator, PerlinPadding, Recipe,
-    SmudgeGenerator,
+    perlin_noise, rotate_images_randomly, AugmentError, Image, ImageBatch, MaskGenerator,
+    PerlinPadding, Recipe, SmudgeGenerator,
 };
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -85,21 +85,31 @@ fn about_half_of_the_masks_are_anomalous() {
     // 0.5 − 0.08 … 0.5 + 0.05 (5 SE on each side, plus the empty allowance below).
     for recipe in RECIPES {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
-        let masks = MaskGenerator::new(recipe).generate_batch(1000, 64, 64, &mut rng).unwrap();
+        let masks = MaskGenerator::new(recipe)
+            .generate_batch(1000, 64, 64, &mut rng)
+            .unwrap();
         let nonempty = masks.to_masks().iter().filter(|m| !m.is_empty()).count() as f64 / 1000.0;
-        assert!((0.42..=0.55).contains(&nonempty), "{recipe}: non-empty fraction {nonempty}");
+        assert!(
+            (0.42..=0.55).contains(&nonempty),
+            "{recipe}: non-empty fraction {nonempty}"
+        );
     }
 }
 
 #[test]
 fn batches_do_not_depend_on_the_thread_count() {
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         pool.install(|| {
             let mut rng = ChaCha8Rng::seed_from_u64(2024);
             let mut results = Vec::new();
             for recipe in RECIPES {
-                let masks = MaskGenerator::new(recipe).generate_batch(8, 64, 96, &mut rng).unwrap();
+                let masks = MaskGenerator::new(recipe)
+                    .generate_batch(8, 64, 96, &mut rng)
+                    .unwrap();
                 let smudger = SmudgeGenerator::new(recipe, &mut rng);
                 let mut images = random_batch(6, 64, 64, &mut rng);
                 let (out, smudge_masks) = smudger.apply_batch(&images, &mut rng).unwrap();
@@ -113,13 +123,31 @@ fn batches_do_not_depend_on_the_thread_count() {
     let two = run(2);
     assert_eq!(one, two);
     // The batch must contain real content, or the comparison above would be vacuous.
-    assert!(one.iter().any(|r| r.0.data.contains(&1.0) && r.2.data.contains(&1.0)));
+    assert!(one
+        .iter()
+        .any(|r| r.0.data.contains(&1.0) && r.2.data.contains(&1.0)));
 }
 
 #[test]
 fn padded_noise_is_a_crop_of_the_power_of_two_field() {
-    let full = perlin_noise(128, 128, 4, 8, PerlinPadding::Exact, &mut ChaCha8Rng::seed_from_u64(5)).unwrap();
-    let cropped = perlin_noise(96, 128, 4, 8, PerlinPadding::NextPowerOfTwo, &mut ChaCha8Rng::seed_from_u64(5)).unwrap();
+    let full = perlin_noise(
+        128,
+        128,
+        4,
+        8,
+        PerlinPadding::Exact,
+        &mut ChaCha8Rng::seed_from_u64(5),
+    )
+    .unwrap();
+    let cropped = perlin_noise(
+        96,
+        128,
+        4,
+        8,
+        PerlinPadding::NextPowerOfTwo,
+        &mut ChaCha8Rng::seed_from_u64(5),
+    )
+    .unwrap();
     assert_eq!(&full[..96 * 128], &cropped[..]);
     assert!(full.iter().all(|v| v.abs() <= 1.5));
     assert!(full.iter().any(|&v| v > 0.3) && full.iter().any(|&v| v < -0.3));
@@ -127,7 +155,15 @@ fn padded_noise_is_a_crop_of_the_power_of_two_field() {
 
 #[test]
 fn noise_vanishes_on_the_lattice_and_is_continuous() {
-    let noise = perlin_noise(64, 64, 4, 2, PerlinPadding::Exact, &mut ChaCha8Rng::seed_from_u64(9)).unwrap();
+    let noise = perlin_noise(
+        64,
+        64,
+        4,
+        2,
+        PerlinPadding::Exact,
+        &mut ChaCha8Rng::seed_from_u64(9),
+    )
+    .unwrap();
     // Lattice points (multiples of the 16×32 cell) have zero offset, hence zero noise.
     for i in (0..64).step_by(16) {
         for j in (0..64).step_by(32) {
@@ -149,21 +185,47 @@ fn bad_resolutions_and_channels_are_errors() {
         perlin_noise(96, 96, 64, 1, PerlinPadding::Exact, &mut rng),
         Err(AugmentError::InvalidResolution { .. })
     ));
-    assert!(matches!(perlin_noise(0, 96, 1, 1, PerlinPadding::Exact, &mut rng), Err(AugmentError::InvalidSize { .. })));
+    assert!(matches!(
+        perlin_noise(0, 96, 1, 1, PerlinPadding::Exact, &mut rng),
+        Err(AugmentError::InvalidSize { .. })
+    ));
     let smudger = SmudgeGenerator::new(Recipe::Anomalib, &mut rng);
-    assert_eq!(smudger.apply(&Image::filled(1, 32, 32, 0.5), &mut rng), Err(AugmentError::Channels(1)));
     assert_eq!(
-        smudger.apply(&Image { c: 3, h: 32, w: 32, data: vec![0.0; 5] }, &mut rng),
-        Err(AugmentError::ShapeMismatch { shape: vec![3, 32, 32], len: 5 })
+        smudger.apply(&Image::filled(1, 32, 32, 0.5), &mut rng),
+        Err(AugmentError::Channels(1))
     );
-    assert_eq!(MaskGenerator::new(Recipe::Original).with_p_anomalous(1.5), Err(AugmentError::Probability(1.5)));
+    assert_eq!(
+        smudger.apply(
+            &Image {
+                c: 3,
+                h: 32,
+                w: 32,
+                data: vec![0.0; 5]
+            },
+            &mut rng
+        ),
+        Err(AugmentError::ShapeMismatch {
+            shape: vec![3, 32, 32],
+            len: 5
+        })
+    );
+    assert_eq!(
+        MaskGenerator::new(Recipe::Original).with_p_anomalous(1.5),
+        Err(AugmentError::Probability(1.5))
+    );
 }
 
 #[test]
 fn recipe_names_and_default() {
     assert_eq!(Recipe::default(), Recipe::Original);
-    assert_eq!(serde_json::to_string(&Recipe::Anomalib).unwrap(), "\"anomalib\"");
-    assert_eq!(serde_json::from_str::<Recipe>("\"original\"").unwrap(), Recipe::Original);
+    assert_eq!(
+        serde_json::to_string(&Recipe::Anomalib).unwrap(),
+        "\"anomalib\""
+    );
+    assert_eq!(
+        serde_json::from_str::<Recipe>("\"original\"").unwrap(),
+        Recipe::Original
+    );
     assert_eq!("Anomalib".parse::<Recipe>().unwrap(), Recipe::Anomalib);
     assert!("dtd".parse::<Recipe>().is_err());
 }

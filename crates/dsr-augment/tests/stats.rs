@@ -33,5 +33,9 @@ fn statistics_agree_with_the_reference_at_96x128() {
         }
     }
     assert_eq!(compared, 2 * 7 + 4 * 11);
-    assert!(failures.is_empty(), "statistics out of tolerance:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "statistics out of tolerance:\n{}",
+        failures.join("\n")
+    );
 }

@@ -62,8 +62,12 @@ impl Generator {
         match self {
             Generator::Phase2(Recipe::Anomalib) => vec!["anomalib_DsrAnomalyGenerator_phase2"],
             Generator::Phase2(Recipe::Original) => vec!["original_recipe_phase2_OURS"],
-            Generator::Phase3(Recipe::Anomalib, input) => vec!["anomalib_PerlinAnomalyGenerator_phase3", input.key()],
-            Generator::Phase3(Recipe::Original, input) => vec!["original_recipe_phase3_OURS", input.key()],
+            Generator::Phase3(Recipe::Anomalib, input) => {
+                vec!["anomalib_PerlinAnomalyGenerator_phase3", input.key()]
+            }
+            Generator::Phase3(Recipe::Original, input) => {
+                vec!["original_recipe_phase3_OURS", input.key()]
+            }
         }
     }
 
@@ -78,9 +82,15 @@ impl Generator {
 /// Decodes the fixture's real image, converts it to RGB and resizes it to `w`×`h` with an antialiased
 /// bilinear (triangle) filter, standing in for PIL's BILINEAR resize.
 pub fn real_image(h: usize, w: usize) -> Image {
-    let decoded = image::load_from_memory(REAL_IMAGE_PNG).expect("the fixture PNG decodes").to_rgb8();
-    let resized =
-        image::imageops::resize(&decoded, w as u32, h as u32, image::imageops::FilterType::Triangle);
+    let decoded = image::load_from_memory(REAL_IMAGE_PNG)
+        .expect("the fixture PNG decodes")
+        .to_rgb8();
+    let resized = image::imageops::resize(
+        &decoded,
+        w as u32,
+        h as u32,
+        image::imageops::FilterType::Triangle,
+    );
     Image::from_rgb8(h, w, resized.as_raw()).expect("the resized image has the requested size")
 }
 
@@ -95,9 +105,14 @@ pub fn run(generator: Generator, h: usize, w: usize, n: usize, seed: u64) -> Vec
             let mut left = n;
             while left > 0 {
                 let m = left.min(chunk);
-                let masks = generator.generate_batch(m, h, w, &mut rng).expect("valid size");
+                let masks = generator
+                    .generate_batch(m, h, w, &mut rng)
+                    .expect("valid size");
                 samples.extend(
-                    (0..m).into_par_iter().map(|i| SampleStats::measure(masks.mask(i), h, w, None)).collect::<Vec<_>>(),
+                    (0..m)
+                        .into_par_iter()
+                        .map(|i| SampleStats::measure(masks.mask(i), h, w, None))
+                        .collect::<Vec<_>>(),
                 );
                 left -= m;
             }
@@ -149,7 +164,9 @@ fn get<'a>(v: &'a Value, path: &[&str]) -> &'a Value {
 }
 
 fn num(v: &Value, path: &[&str]) -> f64 {
-    get(v, path).as_f64().unwrap_or_else(|| panic!("fixture lacks {path:?}"))
+    get(v, path)
+        .as_f64()
+        .unwrap_or_else(|| panic!("fixture lacks {path:?}"))
 }
 
 /// The fixture's results for `generator` at `h`×`w`, if it has them.
@@ -192,7 +209,13 @@ pub fn compare(ours: &Summary, reference: &Value) -> Vec<Row> {
     let mut push = |statistic: &'static str, e: Estimate, r: f64, se_ref: f64| {
         let tolerance = K * (e.se * e.se + se_ref * se_ref).sqrt();
         let pass = (e.value - r).abs() <= tolerance;
-        rows.push(Row { statistic, ours: e.value, reference: r, tolerance, pass });
+        rows.push(Row {
+            statistic,
+            ours: e.value,
+            reference: r,
+            tolerance,
+            pass,
+        });
     };
     let scaled = |e: Estimate, n_ref: f64| e.se * (e.n as f64 / n_ref).sqrt();
     push(
@@ -201,19 +224,39 @@ pub fn compare(ours: &Summary, reference: &Value) -> Vec<Row> {
         num(reference, &["frac_empty_masks"]),
         num(reference, &["frac_empty_masks_se"]),
     );
-    push("coverage.mean", ours.coverage_mean, num(reference, &["coverage", "mean"]), num(reference, &["coverage", "mean_se"]));
+    push(
+        "coverage.mean",
+        ours.coverage_mean,
+        num(reference, &["coverage", "mean"]),
+        num(reference, &["coverage", "mean_se"]),
+    );
     for (name, e, key) in [
         ("coverage.std", ours.coverage_std, "std"),
         ("coverage.p10", ours.coverage_p10, "p10"),
         ("coverage.p50", ours.coverage_p50, "p50"),
         ("coverage.p90", ours.coverage_p90, "p90"),
     ] {
-        push(name, e, num(reference, &["coverage", key]), scaled(e, m_ref));
+        push(
+            name,
+            e,
+            num(reference, &["coverage", key]),
+            scaled(e, m_ref),
+        );
     }
-    push("mean_components", ours.mean_components, num(reference, &["mean_components"]), scaled(ours.mean_components, m_ref));
+    push(
+        "mean_components",
+        ours.mean_components,
+        num(reference, &["mean_components"]),
+        scaled(ours.mean_components, m_ref),
+    );
     if let Some(e) = ours.frac_unchanged_images {
         let r = num(reference, &["frac_unchanged_images"]);
-        push("frac_unchanged_images", e, r, (r * (1.0 - r) / n_ref).sqrt());
+        push(
+            "frac_unchanged_images",
+            e,
+            r,
+            (r * (1.0 - r) / n_ref).sqrt(),
+        );
     }
     if let Some(e) = ours.change_per_image_mean {
         let r = num(reference, &["mean_abs_change_in_mask", "per_image_mean"]);
@@ -226,7 +269,13 @@ pub fn compare(ours: &Summary, reference: &Value) -> Vec<Row> {
     if let Some(max) = ours.max_abs_change_outside_mask {
         let r = num(reference, &["max_abs_change_outside_mask"]);
         // Pixels outside the mask must be untouched: the tolerance is exactly zero.
-        rows.push(Row { statistic: "max_abs_change_outside", ours: max, reference: r, tolerance: 0.0, pass: max == r });
+        rows.push(Row {
+            statistic: "max_abs_change_outside",
+            ours: max,
+            reference: r,
+            tolerance: 0.0,
+            pass: max == r,
+        });
     }
     rows
 }
