@@ -41,6 +41,9 @@ fn main() {
     let mut total = 0;
     for (h, w) in reference_sizes() {
         for (g, generator) in Generator::ALL.into_iter().enumerate() {
+            if !generator.label().contains(&only) {
+                continue;
+            }
             let Some(reference) = reference(h, w, generator) else {
                 continue;
             };
