@@ -5,7 +5,7 @@
 //! ones, `I_gen` the general reconstruction, `I_spc` the object-specific one, M the anomaly
 //! mask.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use crate::anomaly::{fake_anomalies, Randomness};

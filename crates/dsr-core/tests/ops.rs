@@ -175,7 +175,7 @@ fn ema_update_follows_the_original_recipe() {
             .unwrap();
     }
     // Four positions (B=1, 2×2): three near code 1, one near code 0.
-    let xs = vec![(0.9f32, 0.1f32), (1.1, -0.1), (0.1, 0.05), (1.0, 0.2)];
+    let xs = [(0.9f32, 0.1f32), (1.1, -0.1), (0.1, 0.05), (1.0, 0.2)];
     let input: Vec<f32> = xs
         .iter()
         .map(|p| p.0)
@@ -255,4 +255,40 @@ fn ema_update_refuses_a_constant_codebook() {
     let vq = VectorQuantizer::new(vb, 4, 2).unwrap();
     let x = random(&[1, 2, 2, 2], 9);
     assert!(vq.forward_ema(&x, &EmaConfig::default()).is_err());
+}
+
+#[test]
+fn instance_norm_gradient_matches_the_composite_form() {
+    // The CPU operator's closed-form backward against autograd through the composite formula
+    // (which the f64 path uses).
+    let x = random(&[2, 3, 6, 5], 11);
+    let r = random(&[2, 3, 6, 5], 12);
+    let x32 = Var::from_tensor(&x).unwrap();
+    let y32 = instance_norm(x32.as_tensor()).unwrap();
+    let g32 = (y32 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let x64 = Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
+    let y64 = instance_norm(x64.as_tensor()).unwrap();
+    let g64 = (y64 * r.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let a = g32
+        .get(x32.as_tensor())
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let b = g64.get(x64.as_tensor()).unwrap();
+    let d: f64 = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(d < 1e-5, "{d}");
 }
