@@ -40,4 +40,6 @@
 #![deny(missing_docs)]
 
 pub mod metrics;
+pub mod optim;
 pub mod postprocess;
+pub mod train;

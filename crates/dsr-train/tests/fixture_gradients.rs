@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use dsr_core::anomaly::Draw;
 use dsr_core::{DsrConfig, DsrModel, RecordedDraws};
 use dsr_losses::{second_stage_loss, third_stage_loss, FocalKind, SecondStageInputs};
+use dsr_train::optim::{Adam, AdamConfig};
 
 fn fixture_dir() -> PathBuf {
     match std::env::var_os("DSR_FIXTURE_DIR") {
@@ -261,7 +262,7 @@ fn phase3_loss_gradients_paths_and_one_adam_step_match_the_reference() {
         &loss.reshape(1).unwrap(),
         &p3["loss.third_stage"],
     );
-    let ups_vars: Vec<candle_core::Var>;
+    let ups_vars: Vec<(String, candle_core::Var)>;
     {
         let data = varmap.data().lock().unwrap();
         let data64 = varmap64.data().lock().unwrap();
@@ -290,18 +291,11 @@ fn phase3_loss_gradients_paths_and_one_adam_step_match_the_reference() {
         ups_vars = data
             .iter()
             .filter(|(k, _)| k.starts_with("upsampling_module."))
-            .map(|(_, v)| v.clone())
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
     }
-    // One Adam step (candle's AdamW with weight decay 0 is Adam).
-    let params = ParamsAdamW {
-        lr: 2e-4,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-    };
-    let mut opt = AdamW::new(ups_vars, params).unwrap();
+    // One step of the trainer's Adam (PyTorch's defaults, lr 2e-4).
+    let mut opt = Adam::new(ups_vars, AdamConfig::default()).unwrap();
     opt.step(&grads).unwrap();
     let data = varmap.data().lock().unwrap();
     for key in p3.keys().filter(|k| k.starts_with("after_adam.")) {

@@ -1,0 +1,644 @@
+//! Phases 2 and 3 of DSR training (spec §8): the schedule, the seeded training step, and
+//! checkpoints from which a killed run resumes as if it had never stopped.
+//!
+//! Every random draw of step `s` (which images, the Perlin masks, the phase-2 code picks, the
+//! phase-3 smudges) comes from generators seeded by `(seed, stream, s)`, so a run is a pure
+//! function of its configuration, its data and its seed, and resuming needs no generator state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use dsr_augment::{ImageBatch, MaskGenerator, Recipe, SmudgeGenerator};
+use dsr_core::init::{init_seeded, InitScheme};
+use dsr_core::weights::{load_safetensors, save_checkpoint, Checkpoint, DISCRETE_PREFIX};
+use dsr_core::{DsrConfig, DsrModel, SeededRandomness};
+use dsr_losses::{second_stage_loss, third_stage_loss, FocalKind, SecondStageInputs};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::optim::{Adam, AdamConfig};
+
+/// Metadata key of the trainer state (JSON) in a training checkpoint.
+pub const META_TRAIN_STATE: &str = "dsr.train_state";
+
+/// Key prefixes of the modules trained in phase 2.
+pub const PHASE2_PREFIXES: [&str; 4] = [
+    "subspace_restriction_module_hi.",
+    "subspace_restriction_module_lo.",
+    "image_reconstruction_network.",
+    "anomaly_detection_module.",
+];
+/// Key prefix of the module trained in phase 3.
+pub const PHASE3_PREFIX: &str = "upsampling_module.";
+
+/// Errors of training.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A model or weight error.
+    #[error(transparent)]
+    Core(#[from] dsr_core::Error),
+    /// A tensor error.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A loss error.
+    #[error(transparent)]
+    Loss(#[from] dsr_losses::LossError),
+    /// An augmentation error.
+    #[error(transparent)]
+    Augment(#[from] dsr_augment::AugmentError),
+    /// The configuration cannot be trained; the message says why.
+    #[error("invalid training configuration: {0}")]
+    Config(String),
+    /// A loss became NaN or infinite; the last checkpoint is kept.
+    #[error("the {phase} loss became {value} at step {step}: training stopped (lower the learning rate; the last checkpoint is intact)")]
+    NonFinite {
+        /// The phase.
+        phase: Phase,
+        /// The step at which it happened.
+        step: u64,
+        /// The offending value.
+        value: f64,
+    },
+    /// A checkpoint does not fit this run.
+    #[error("{path}: {message}")]
+    Checkpoint {
+        /// The checkpoint file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Result type of training.
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+/// The two training schedules.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Schedule {
+    /// The original code: a fixed number of iterations per phase, the phase-2 learning rate
+    /// divided by 10 after `lr_drop_fraction` of phase 2 (100k + 50k iterations in the paper's
+    /// code).
+    Original {
+        /// Iterations of phase 2.
+        phase2_steps: u64,
+        /// Iterations of phase 3.
+        phase3_steps: u64,
+        /// Fraction of phase 2 after which the learning rate drops ×0.1.
+        lr_drop_fraction: f64,
+    },
+    /// anomalib: epochs over the training set, the first `upsampling_train_ratio` of them
+    /// (truncated) phase 2, the rest phase 3.
+    Anomalib {
+        /// Total epochs.
+        epochs: u64,
+        /// Fraction of the epochs spent in phase 2.
+        upsampling_train_ratio: f64,
+        /// anomalib defines a step learning-rate schedule for phase 2 but never steps it: with
+        /// `true` the rate stays constant (compatibility), with `false` it drops ×0.1 after 80 %
+        /// of phase 2 as intended.
+        never_stepped_scheduler: bool,
+    },
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule::Original {
+            phase2_steps: 100_000,
+            phase3_steps: 50_000,
+            lr_drop_fraction: 0.8,
+        }
+    }
+}
+
+/// The training phase of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Subspace, reconstruction and detection modules on feature-space anomalies.
+    Phase2,
+    /// The upsampling module on image-level smudges.
+    Phase3,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Phase2 => "phase-2",
+            Phase::Phase3 => "phase-3",
+        })
+    }
+}
+
+/// Everything that defines a phase-2/3 run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Model hyper-parameters (the discrete part must match the pretrained weights).
+    pub model: DsrConfig,
+    /// Training image size `[H, W]` (multiples of 32, at least 64).
+    pub image_size: [usize; 2],
+    /// Images per step.
+    pub batch_size: usize,
+    /// Adam hyper-parameters of both optimizers.
+    pub adam: AdamConfig,
+    /// Phase lengths and learning-rate schedule.
+    pub schedule: Schedule,
+    /// Focal loss variant.
+    pub focal: FocalKind,
+    /// Anomaly generator recipe.
+    pub recipe: Recipe,
+    /// Initialisation of the trained modules.
+    pub init: InitScheme,
+    /// Seed of every random draw.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: DsrConfig::default(),
+            image_size: [256, 256],
+            batch_size: 8,
+            adam: AdamConfig::default(),
+            schedule: Schedule::default(),
+            focal: FocalKind::default(),
+            recipe: Recipe::default(),
+            init: InitScheme::default(),
+            seed: 0,
+        }
+    }
+}
+
+/// Phase lengths in steps, resolved for a data set size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Steps of phase 2.
+    pub phase2_steps: u64,
+    /// Steps of phase 3.
+    pub phase3_steps: u64,
+    /// First phase-2 step with the reduced learning rate, if any.
+    pub lr_drop_step: Option<u64>,
+}
+
+impl Plan {
+    /// Resolves `cfg`'s schedule for `num_images` training images.
+    pub fn new(cfg: &TrainConfig, num_images: usize) -> Result<Self> {
+        if num_images == 0 {
+            return Err(TrainError::Config("the training set is empty".into()));
+        }
+        match cfg.schedule {
+            Schedule::Original {
+                phase2_steps,
+                phase3_steps,
+                lr_drop_fraction,
+            } => Ok(Plan {
+                phase2_steps,
+                phase3_steps,
+                lr_drop_step: Some((phase2_steps as f64 * lr_drop_fraction) as u64),
+            }),
+            Schedule::Anomalib {
+                epochs,
+                upsampling_train_ratio,
+                never_stepped_scheduler,
+            } => {
+                let per_epoch = num_images.div_ceil(cfg.batch_size) as u64;
+                let phase2_epochs = (epochs as f64 * upsampling_train_ratio) as u64;
+                let anneal_epoch = (0.8 * phase2_epochs as f64) as u64;
+                Ok(Plan {
+                    phase2_steps: phase2_epochs * per_epoch,
+                    phase3_steps: (epochs - phase2_epochs.min(epochs)) * per_epoch,
+                    lr_drop_step: (!never_stepped_scheduler).then_some(anneal_epoch * per_epoch),
+                })
+            }
+        }
+    }
+
+    /// Total steps.
+    pub fn total(&self) -> u64 {
+        self.phase2_steps + self.phase3_steps
+    }
+}
+
+/// Losses and state after one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// The step just taken (0-based).
+    pub step: u64,
+    /// Its phase.
+    pub phase: Phase,
+    /// Learning rate used.
+    pub lr: f64,
+    /// The loss and its terms.
+    pub losses: BTreeMap<String, f64>,
+}
+
+/// The state written into a checkpoint's metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct TrainState {
+    step: u64,
+    phase2_optimizer_steps: u64,
+    phase3_optimizer_steps: u64,
+    config: TrainConfig,
+}
+
+/// Generator of one random stream at one step.
+fn step_rng(seed: u64, stream: u64, step: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng.set_word_pos((step as u128) << 32);
+    rng
+}
+
+const STREAM_ORDER: u64 = 1;
+const STREAM_MASKS: u64 = 2;
+const STREAM_CODES: u64 = 3;
+const STREAM_SMUDGE: u64 = 4;
+const STREAM_INIT: u64 = 5;
+
+/// Phase-2/3 trainer over an in-memory training set.
+pub struct Trainer {
+    cfg: TrainConfig,
+    plan: Plan,
+    varmap: VarMap,
+    model: DsrModel,
+    opt_d: Adam,
+    opt_u: Adam,
+    smudges: SmudgeGenerator,
+    images: ImageBatch,
+    device: Device,
+    step: u64,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("plan", &self.plan)
+            .field("step", &self.step)
+            .field("images", &self.images.n)
+            .finish()
+    }
+}
+
+impl Trainer {
+    /// A fresh run: the discrete model from `discrete` (keys with the `discrete_latent_model.`
+    /// prefix, e.g. [`dsr_core::weights::load_discrete_pckl`]), the trained modules initialised
+    /// from the seed, over `images` (N×3×H×W at the configured size).
+    pub fn new(
+        cfg: TrainConfig,
+        discrete: &Checkpoint,
+        images: ImageBatch,
+        device: &Device,
+    ) -> Result<Self> {
+        let trainer = Self::build(cfg, images, device)?;
+        init_seeded(
+            &trainer.varmap,
+            trainer.cfg.seed ^ (STREAM_INIT << 56),
+            trainer.cfg.init,
+            &{
+                let mut p: Vec<&str> = PHASE2_PREFIXES.to_vec();
+                p.push(PHASE3_PREFIX);
+                p
+            },
+        )?;
+        let data = trainer.varmap.data().lock().expect("varmap lock");
+        let mut missing = Vec::new();
+        for (key, var) in data.iter().filter(|(k, _)| k.starts_with(DISCRETE_PREFIX)) {
+            match discrete.tensors.get(key) {
+                Some(t) if t.dims() == var.as_tensor().dims() => var.set(&t.to_device(device)?)?,
+                Some(t) => {
+                    return Err(TrainError::Checkpoint {
+                        path: discrete.path.display().to_string(),
+                        message: format!(
+                            "tensor '{key}' has shape {:?}, the configuration needs {:?}",
+                            t.dims(),
+                            var.as_tensor().dims()
+                        ),
+                    })
+                }
+                None => missing.push(key.clone()),
+            }
+        }
+        drop(data);
+        if !missing.is_empty() {
+            return Err(TrainError::Checkpoint {
+                path: discrete.path.display().to_string(),
+                message: format!(
+                    "missing {} discrete-model tensors, e.g. '{}'",
+                    missing.len(),
+                    missing[0]
+                ),
+            });
+        }
+        Ok(trainer)
+    }
+
+    fn build(cfg: TrainConfig, images: ImageBatch, device: &Device) -> Result<Self> {
+        cfg.model.validate()?;
+        dsr_core::config::validate_image_size(cfg.image_size[0], cfg.image_size[1])?;
+        if cfg.batch_size == 0 {
+            return Err(TrainError::Config("batch_size must be at least 1".into()));
+        }
+        if images.c != 3 || [images.h, images.w] != cfg.image_size {
+            return Err(TrainError::Config(format!(
+                "training images are {}×{}×{}, the configuration needs 3×{}×{}",
+                images.c, images.h, images.w, cfg.image_size[0], cfg.image_size[1]
+            )));
+        }
+        let plan = Plan::new(&cfg, images.n)?;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = DsrModel::new(&cfg.model, vb)?;
+        let (d_params, u_params) = {
+            let data = varmap.data().lock().expect("varmap lock");
+            let pick = |f: &dyn Fn(&str) -> bool| -> Vec<(String, candle_core::Var)> {
+                data.iter()
+                    .filter(|(k, _)| f(k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            };
+            (
+                pick(&|k| PHASE2_PREFIXES.iter().any(|p| k.starts_with(p))),
+                pick(&|k| k.starts_with(PHASE3_PREFIX)),
+            )
+        };
+        let opt_d = Adam::new(d_params, cfg.adam)?;
+        let opt_u = Adam::new(u_params, cfg.adam)?;
+        let smudges = SmudgeGenerator::new(
+            cfg.recipe,
+            &mut step_rng(cfg.seed, STREAM_SMUDGE, u64::MAX >> 32),
+        );
+        Ok(Self {
+            cfg,
+            plan,
+            varmap,
+            model,
+            opt_d,
+            opt_u,
+            smudges,
+            images,
+            device: device.clone(),
+            step: 0,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// The resolved phase lengths.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Steps taken so far.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Whether every step of the plan has been taken.
+    pub fn is_done(&self) -> bool {
+        self.step >= self.plan.total()
+    }
+
+    /// The phase of the next step.
+    pub fn phase(&self) -> Phase {
+        if self.step < self.plan.phase2_steps {
+            Phase::Phase2
+        } else {
+            Phase::Phase3
+        }
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &DsrModel {
+        &self.model
+    }
+
+    /// The model's tensors under their PyTorch keys.
+    pub fn model_tensors(&self) -> HashMap<String, Tensor> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        data.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+
+    /// The images of step `step`: consecutive slots of per-epoch seeded permutations.
+    fn batch_indices(&self, step: u64) -> Vec<usize> {
+        let n = self.images.n as u64;
+        let b = self.cfg.batch_size as u64;
+        let mut current_epoch = u64::MAX;
+        let mut perm: Vec<usize> = Vec::new();
+        (step * b..step * b + b)
+            .map(|i| {
+                let epoch = i / n;
+                if epoch != current_epoch {
+                    current_epoch = epoch;
+                    perm = (0..self.images.n).collect();
+                    let mut rng = step_rng(self.cfg.seed, STREAM_ORDER, epoch);
+                    for j in (1..perm.len()).rev() {
+                        perm.swap(j, rng.random_range(0..=j));
+                    }
+                }
+                perm[(i % n) as usize]
+            })
+            .collect()
+    }
+
+    fn batch(&self, step: u64) -> Result<ImageBatch> {
+        let plane = 3 * self.images.h * self.images.w;
+        let idx = self.batch_indices(step);
+        let mut data = Vec::with_capacity(idx.len() * plane);
+        for i in idx.iter() {
+            data.extend_from_slice(self.images.image_slice(*i));
+        }
+        Ok(ImageBatch::new(
+            idx.len(),
+            3,
+            self.images.h,
+            self.images.w,
+            data,
+        )?)
+    }
+
+    fn tensor(&self, data: Vec<f32>, shape: (usize, usize, usize, usize)) -> Result<Tensor> {
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_device(&self.device)?)
+    }
+
+    /// The learning rate of the phase-2 optimizer at `step`.
+    pub fn phase2_lr(&self, step: u64) -> f64 {
+        match self.plan.lr_drop_step {
+            Some(drop) if step >= drop => self.cfg.adam.lr * 0.1,
+            _ => self.cfg.adam.lr,
+        }
+    }
+
+    /// Takes the next step of the plan.
+    pub fn train_step(&mut self) -> Result<StepReport> {
+        let step = self.step;
+        let phase = self.phase();
+        let batch = self.batch(step)?;
+        let (b, h, w) = (batch.n, batch.h, batch.w);
+        let mut losses = BTreeMap::new();
+        let lr;
+        match phase {
+            Phase::Phase2 => {
+                let masks = MaskGenerator::new(self.cfg.recipe).generate_batch(
+                    b,
+                    h,
+                    w,
+                    &mut step_rng(self.cfg.seed, STREAM_MASKS, step),
+                )?;
+                let image = self.tensor(batch.data, (b, 3, h, w))?;
+                let mask = self.tensor(masks.data, (b, 1, h, w))?;
+                let mut codes =
+                    SeededRandomness::from_rng(step_rng(self.cfg.seed, STREAM_CODES, step));
+                let out = self.model.forward_phase2(&image, &mask, &mut codes)?;
+                let loss = second_stage_loss(
+                    &SecondStageInputs {
+                        recon_feat_hi: &out.recon_feat_hi,
+                        quantized_hi: &out.embedding_bot,
+                        recon_feat_lo: &out.recon_feat_lo,
+                        quantized_lo: &out.embedding_top,
+                        image: &image,
+                        object_specific_image: &out.obj_spec_image,
+                        anomaly_map: &out.anomaly_map,
+                        true_anomaly_map: &out.true_anomaly_map,
+                    },
+                    self.cfg.focal,
+                )?;
+                let total = scalar(&loss.total)?;
+                for (name, t) in [
+                    ("l2_hi", &loss.l2_hi),
+                    ("l2_lo", &loss.l2_lo),
+                    ("l2_img_x10", &loss.l2_img_x10),
+                    ("focal", &loss.focal),
+                ] {
+                    losses.insert(name.to_string(), scalar(t)?);
+                }
+                losses.insert("loss".into(), total);
+                if !total.is_finite() {
+                    return Err(TrainError::NonFinite {
+                        phase,
+                        step,
+                        value: total,
+                    });
+                }
+                lr = self.phase2_lr(step);
+                self.opt_d.set_lr(lr);
+                self.opt_d.backward_step(&loss.total)?;
+            }
+            Phase::Phase3 => {
+                let (smudged, masks) = self
+                    .smudges
+                    .apply_batch(&batch, &mut step_rng(self.cfg.seed, STREAM_SMUDGE, step))?;
+                let image = self.tensor(smudged.data, (b, 3, h, w))?;
+                let mask = self.tensor(masks.data, (b, 1, h, w))?;
+                let probs = self.model.forward_phase3(&image)?;
+                let loss = third_stage_loss(&probs, &mask, self.cfg.focal)?;
+                let total = scalar(&loss)?;
+                losses.insert("loss".into(), total);
+                if !total.is_finite() {
+                    return Err(TrainError::NonFinite {
+                        phase,
+                        step,
+                        value: total,
+                    });
+                }
+                lr = self.cfg.adam.lr;
+                self.opt_u.backward_step(&loss)?;
+            }
+        }
+        self.step += 1;
+        Ok(StepReport {
+            step,
+            phase,
+            lr,
+            losses,
+        })
+    }
+
+    /// Writes a training checkpoint (model, both optimizer states, step, configuration)
+    /// atomically to `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors = self.model_tensors();
+        for (k, v) in self
+            .opt_d
+            .state_tensors("optim.phase2.")
+            .into_iter()
+            .chain(self.opt_u.state_tensors("optim.phase3."))
+        {
+            tensors.insert(k, v);
+        }
+        let state = TrainState {
+            step: self.step,
+            phase2_optimizer_steps: self.opt_d.steps(),
+            phase3_optimizer_steps: self.opt_u.steps(),
+            config: self.cfg.clone(),
+        };
+        let mut extra = BTreeMap::new();
+        extra.insert(
+            META_TRAIN_STATE.to_string(),
+            serde_json::to_string(&state).map_err(|e| TrainError::Config(e.to_string()))?,
+        );
+        save_checkpoint(
+            path,
+            &tensors,
+            &self.cfg.model,
+            Some(self.cfg.image_size),
+            &extra,
+        )?;
+        Ok(())
+    }
+
+    /// Resumes the run saved in `path` over the same `images`.
+    pub fn resume(path: &Path, images: ImageBatch, device: &Device) -> Result<Self> {
+        let ckpt = load_safetensors(path)?;
+        let bad = |message: String| TrainError::Checkpoint {
+            path: path.display().to_string(),
+            message,
+        };
+        let state: TrainState =
+            serde_json::from_str(ckpt.metadata.get(META_TRAIN_STATE).ok_or_else(|| {
+                bad(format!(
+                    "not a training checkpoint (no '{META_TRAIN_STATE}' metadata)"
+                ))
+            })?)
+            .map_err(|e| bad(format!("'{META_TRAIN_STATE}' is not valid: {e}")))?;
+        let mut trainer = Self::build(state.config, images, device)?;
+        {
+            let data = trainer.varmap.data().lock().expect("varmap lock");
+            for (key, var) in data.iter() {
+                let t = ckpt
+                    .tensors
+                    .get(key)
+                    .ok_or_else(|| bad(format!("missing tensor '{key}'")))?;
+                if t.dims() != var.as_tensor().dims() {
+                    return Err(bad(format!(
+                        "tensor '{key}' has shape {:?}, expected {:?}",
+                        t.dims(),
+                        var.as_tensor().dims()
+                    )));
+                }
+                var.set(&t.to_device(device)?)?;
+            }
+        }
+        trainer
+            .opt_d
+            .load_state("optim.phase2.", &ckpt.tensors, state.phase2_optimizer_steps)
+            .map_err(bad)?;
+        trainer
+            .opt_u
+            .load_state("optim.phase3.", &ckpt.tensors, state.phase3_optimizer_steps)
+            .map_err(bad)?;
+        trainer.step = state.step;
+        Ok(trainer)
+    }
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}

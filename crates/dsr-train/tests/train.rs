@@ -1,0 +1,216 @@
+//! The phase-2/3 trainer: reproducibility, resume after a checkpoint, frozen modules, the
+//! schedules, and the stop on a non-finite loss.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use dsr_augment::{ImageBatch, Recipe};
+use dsr_core::init::{init_seeded, InitScheme};
+use dsr_core::weights::Checkpoint;
+use dsr_core::{DsrConfig, DsrModel};
+use dsr_losses::FocalKind;
+use dsr_train::optim::AdamConfig;
+use dsr_train::train::{
+    Phase, Plan, Schedule, TrainConfig, TrainError, Trainer, PHASE2_PREFIXES, PHASE3_PREFIX,
+};
+use rand::{Rng, SeedableRng};
+
+/// Seeded weights for the discrete model of the tiny configuration.
+fn discrete_checkpoint(cfg: &DsrConfig) -> Checkpoint {
+    let varmap = VarMap::new();
+    DsrModel::new(
+        cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    init_seeded(
+        &varmap,
+        99,
+        InitScheme::Pytorch,
+        &["discrete_latent_model."],
+    )
+    .unwrap();
+    let tensors = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("discrete_latent_model."))
+        .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
+        .collect();
+    Checkpoint {
+        path: "discrete.safetensors".into(),
+        tensors,
+        config: Some(*cfg),
+        image_size: None,
+        metadata: BTreeMap::new(),
+    }
+}
+
+fn images(n: usize) -> ImageBatch {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let data = (0..n * 3 * 64 * 64).map(|_| rng.random::<f32>()).collect();
+    ImageBatch::new(n, 3, 64, 64, data).unwrap()
+}
+
+fn config(phase2: u64, phase3: u64) -> TrainConfig {
+    TrainConfig {
+        model: DsrConfig::tiny(),
+        image_size: [64, 64],
+        batch_size: 2,
+        adam: AdamConfig::default(),
+        schedule: Schedule::Original {
+            phase2_steps: phase2,
+            phase3_steps: phase3,
+            lr_drop_fraction: 0.5,
+        },
+        focal: FocalKind::Original,
+        recipe: Recipe::Anomalib,
+        init: InitScheme::Pytorch,
+        seed: 7,
+    }
+}
+
+fn snapshot(t: &Trainer) -> HashMap<String, Vec<f32>> {
+    t.model_tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1().unwrap()))
+        .collect()
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("dsr-train-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn a_seeded_run_is_reproducible_and_resumes_as_if_never_stopped() {
+    let cfg = config(2, 2);
+    let discrete = discrete_checkpoint(&cfg.model);
+    let mut a = Trainer::new(cfg.clone(), &discrete, images(3), &Device::Cpu).unwrap();
+    let mut reports_a = Vec::new();
+    while !a.is_done() {
+        reports_a.push(a.train_step().unwrap());
+    }
+    assert_eq!(
+        reports_a.iter().map(|r| r.phase).collect::<Vec<_>>(),
+        [Phase::Phase2, Phase::Phase2, Phase::Phase3, Phase::Phase3]
+    );
+    // The learning rate drops ×0.1 after half of phase 2 (lr_drop_fraction 0.5).
+    assert_eq!(reports_a[0].lr, 2e-4);
+    assert!((reports_a[1].lr - 2e-5).abs() < 1e-12);
+
+    // The same seed again: identical losses and weights.
+    let mut b = Trainer::new(cfg.clone(), &discrete, images(3), &Device::Cpu).unwrap();
+    let reports_b: Vec<_> = (0..4).map(|_| b.train_step().unwrap()).collect();
+    assert_eq!(reports_a, reports_b);
+    assert_eq!(snapshot(&a), snapshot(&b));
+
+    // Stopped after one step, checkpointed, resumed from the file: identical continuation.
+    let dir = tempdir("resume");
+    let path = dir.join("checkpoint.safetensors");
+    let mut c = Trainer::new(cfg, &discrete, images(3), &Device::Cpu).unwrap();
+    let first = c.train_step().unwrap();
+    c.save(&path).unwrap();
+    drop(c);
+    let mut d = Trainer::resume(&path, images(3), &Device::Cpu).unwrap();
+    assert_eq!(d.step(), 1);
+    let mut reports_d = vec![first];
+    while !d.is_done() {
+        reports_d.push(d.train_step().unwrap());
+    }
+    assert_eq!(reports_a, reports_d);
+    assert_eq!(snapshot(&a), snapshot(&d));
+}
+
+#[test]
+fn each_phase_changes_only_its_own_modules() {
+    let cfg = config(1, 1);
+    let discrete = discrete_checkpoint(&cfg.model);
+    let mut t = Trainer::new(cfg, &discrete, images(2), &Device::Cpu).unwrap();
+    let before = snapshot(&t);
+    t.train_step().unwrap();
+    let after2 = snapshot(&t);
+    t.train_step().unwrap();
+    let after3 = snapshot(&t);
+    for (k, v) in &before {
+        let in2 = PHASE2_PREFIXES.iter().any(|p| k.starts_with(p));
+        let in3 = k.starts_with(PHASE3_PREFIX);
+        if !in2 {
+            assert_eq!(&after2[k], v, "{k} changed in phase 2");
+        }
+        if !in3 {
+            assert_eq!(after3[k], after2[k], "{k} changed in phase 3");
+        }
+    }
+    // The discrete model is bit-identical to the loaded weights.
+    for (k, v) in &discrete.tensors {
+        let loaded: Vec<f32> = v.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(after3[k], loaded, "{k}");
+    }
+    let changed2 = before
+        .keys()
+        .filter(|k| PHASE2_PREFIXES.iter().any(|p| k.starts_with(p)) && after2[*k] != before[*k])
+        .count();
+    let changed3 = before
+        .keys()
+        .filter(|k| k.starts_with(PHASE3_PREFIX) && after3[*k] != after2[*k])
+        .count();
+    assert!(changed2 > 0 && changed3 > 0);
+}
+
+#[test]
+fn anomalib_schedule_splits_epochs_70_30() {
+    let mut cfg = config(0, 0);
+    cfg.batch_size = 8;
+    cfg.schedule = Schedule::Anomalib {
+        epochs: 10,
+        upsampling_train_ratio: 0.7,
+        never_stepped_scheduler: true,
+    };
+    let plan = Plan::new(&cfg, 37).unwrap();
+    // 37 images at batch 8 = 5 steps per epoch; 7 epochs of phase 2, 3 of phase 3.
+    assert_eq!(
+        (plan.phase2_steps, plan.phase3_steps, plan.lr_drop_step),
+        (35, 15, None)
+    );
+    cfg.schedule = Schedule::Anomalib {
+        epochs: 10,
+        upsampling_train_ratio: 0.7,
+        never_stepped_scheduler: false,
+    };
+    assert_eq!(Plan::new(&cfg, 37).unwrap().lr_drop_step, Some(25));
+    assert!(Plan::new(&cfg, 0).is_err());
+}
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_error() {
+    let mut cfg = config(3, 0);
+    cfg.adam.lr = f64::NAN;
+    let discrete = discrete_checkpoint(&cfg.model);
+    let mut t = Trainer::new(cfg, &discrete, images(2), &Device::Cpu).unwrap();
+    t.train_step().unwrap();
+    match t.train_step() {
+        Err(TrainError::NonFinite { step, phase, .. }) => {
+            assert_eq!((step, phase), (1, Phase::Phase2))
+        }
+        other => panic!("expected a non-finite loss error, got {other:?}"),
+    }
+}
+
+#[test]
+fn wrong_image_size_and_missing_weights_are_reported() {
+    let cfg = config(1, 1);
+    let discrete = discrete_checkpoint(&cfg.model);
+    let bad = ImageBatch::new(1, 3, 96, 96, vec![0.0; 3 * 96 * 96]).unwrap();
+    let err = Trainer::new(cfg.clone(), &discrete, bad, &Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("96×96"), "{err}");
+    let mut partial = discrete.clone();
+    partial
+        .tensors
+        .remove("discrete_latent_model.upsample_t.bias");
+    let err = Trainer::new(cfg, &partial, images(2), &Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("discrete.safetensors"), "{err}");
+}
