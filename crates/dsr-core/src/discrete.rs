@@ -9,7 +9,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::layers::{Conv2d, ConvTranspose2d};
-use crate::quantizer::{Quantized, VectorQuantizer};
+use crate::quantizer::{EmaConfig, EmaQuantized, Quantized, VectorQuantizer};
 use crate::{DsrConfig, Result};
 
 /// One residual layer (`_layers.{i}`): `relu(x) + conv1×1(relu(conv3×3(relu(x))))`.
@@ -205,6 +205,21 @@ pub struct Encoded {
     pub q_b: Quantized,
 }
 
+/// What the phase-1 forward returns.
+#[derive(Debug, Clone)]
+pub struct Pretrained {
+    /// The reconstruction `B×3×H×W`.
+    pub recon: Tensor,
+    /// Coarse features before quantization (for re-seeding unused codes).
+    pub z_t: Tensor,
+    /// Fine features before quantization (for re-seeding unused codes).
+    pub z_b: Tensor,
+    /// The coarse quantizer's output, commitment loss and statistics.
+    pub top: EmaQuantized,
+    /// The fine quantizer's output, commitment loss and statistics.
+    pub bot: EmaQuantized,
+}
+
 /// The discrete latent model (VQ-VAE-2 style): encoders, pre-quantization convolutions, the two
 /// codebooks, `upsample_t` and the general appearance decoder.
 #[derive(Debug, Clone)]
@@ -299,6 +314,28 @@ impl DiscreteLatentModel {
     /// The object-specific decoder input `cat(upsample_t(Q̃_lo), Q̃_hi)`.
     pub fn decode_specific_input(&self, lo: &Tensor, hi: &Tensor) -> candle_core::Result<Tensor> {
         Tensor::cat(&[&self.upsample_t(lo)?, hi], 1)
+    }
+
+    /// The phase-1 (pretraining) forward: encode with the EMA codebook update of both
+    /// quantizers, decode, and return the reconstruction, both commitment losses and the
+    /// codebook statistics. Gradients reach the encoders, the pre-quantization convolutions,
+    /// `upsample_t` and the decoder; the codebooks move by EMA only.
+    pub fn forward_pretrain(&self, image: &Tensor, ema: &EmaConfig) -> Result<Pretrained> {
+        let enc_b = image.apply(&self.encoder_b)?;
+        let enc_t = enc_b.apply(&self.encoder_t)?;
+        let z_t = enc_t.apply(&self.pre_vq_conv_top)?;
+        let top = self.vq_top.forward_ema(&z_t, ema)?;
+        let up_t = self.upsample_t(&top.output.quantized)?;
+        let z_b = self.pre_vq_bot(&enc_b, &up_t)?;
+        let bot = self.vq_bot.forward_ema(&z_b, ema)?;
+        let recon = self.decode_joined(&up_t, &bot.output.quantized)?;
+        Ok(Pretrained {
+            recon,
+            z_t,
+            z_b,
+            top,
+            bot,
+        })
     }
 
     /// Reconstructs an image batch through the codebooks (encode, quantize, decode), as the

@@ -42,4 +42,5 @@
 pub mod metrics;
 pub mod optim;
 pub mod postprocess;
+pub mod pretrain;
 pub mod train;
