@@ -39,6 +39,7 @@
 
 #![deny(missing_docs)]
 
+pub mod data;
 pub mod metrics;
 pub mod optim;
 pub mod postprocess;
