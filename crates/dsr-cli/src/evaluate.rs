@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use dsr_train::data::MvtecDataset;
 use dsr_train::metrics::{metrics_per_defect_type, EvalCurves, EvalSet, Metrics, GOOD_DEFECT_TYPE};
 use dsr_train::postprocess::PostProcessor;
 use serde::Serialize;
 
 use crate::io::{load_image, load_mask, write_file};
 use crate::model::LoadedModel;
-use crate::predict::IMAGE_EXTENSIONS;
 use crate::report;
 
 /// The options of `dsr test`.
@@ -38,74 +38,35 @@ pub struct Sample {
     pub mask: Option<PathBuf>,
 }
 
-fn sorted_images(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot list {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-        })
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
-/// Lists `<root>/test/<defect>/*` with the masks `<root>/ground_truth/<defect>/<stem>_mask.*`.
-pub fn scan_test_split(root: &Path) -> Result<Vec<Sample>> {
-    let test = root.join("test");
-    if !test.is_dir() {
-        bail!(
-            "{} has no test folder (expected the MVTec layout <category>/test/<defect>/)",
-            root.display()
-        );
-    }
-    let mut types: Vec<PathBuf> = std::fs::read_dir(&test)
-        .with_context(|| format!("cannot list {}", test.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    types.sort();
-    let mut samples = Vec::new();
-    for dir in types {
-        let defect_type = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        for path in sorted_images(&dir)? {
-            let mask = if defect_type == GOOD_DEFECT_TYPE {
-                None
-            } else {
-                let stem = path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let gt_dir = root.join("ground_truth").join(&defect_type);
-                let found = IMAGE_EXTENSIONS
-                    .iter()
-                    .map(|ext| gt_dir.join(format!("{stem}_mask.{ext}")))
-                    .find(|p| p.is_file());
-                Some(found.with_context(|| {
-                    format!(
-                        "the defective image {} has no mask {}",
-                        path.display(),
-                        gt_dir.join(format!("{stem}_mask.png")).display()
-                    )
-                })?)
-            };
-            samples.push(Sample {
-                path,
-                defect_type: defect_type.clone(),
-                mask,
-            });
+/// Lists the test split of an MVTec-layout data set (see dsr-train's data module).
+pub fn scan_test_split(data: &Path, category: Option<&str>) -> Result<(PathBuf, Vec<Sample>)> {
+    let dataset = MvtecDataset::open(data, category)?;
+    let mut samples = Vec::with_capacity(dataset.listing.test.len());
+    for entry in dataset.listing.test {
+        if entry.label && entry.mask_path.is_none() {
+            bail!(
+                "the defective image {} has no ground-truth mask under {}",
+                entry.path.display(),
+                dataset
+                    .root
+                    .join("ground_truth")
+                    .join(&entry.defect_type)
+                    .display()
+            );
         }
+        samples.push(Sample {
+            path: entry.path,
+            defect_type: entry.defect_type,
+            mask: entry.mask_path,
+        });
     }
     if samples.is_empty() {
-        bail!("{} holds no test image", test.display());
+        bail!(
+            "{} holds no test image",
+            dataset.root.join("test").display()
+        );
     }
-    Ok(samples)
+    Ok((dataset.root, samples))
 }
 
 #[derive(Serialize)]
@@ -141,14 +102,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         bail!("--batch must be at least 1");
     }
     let model = LoadedModel::load(&args.model)?;
-    let root = match &args.category {
-        Some(c) => args.data.join(c),
-        None => args.data.clone(),
-    };
-    if !root.is_dir() {
-        bail!("the data folder {} does not exist", root.display());
-    }
-    let samples = scan_test_split(&root)?;
+    let (root, samples) = scan_test_split(&args.data, args.category.as_deref())?;
     let size = model.size;
     let pixels = size[0] * size[1];
     let mut ev = Evaluated {

@@ -1,15 +1,12 @@
-//! Image loading and output files: decoding and resizing inputs to the model size, `.npy` maps,
-//! PNG encoding and atomic writes.
-//!
-//! The loader here is the command's own small one; once dsr-train's data module is available,
-//! the image decoding and resizing should move to it so that training and inference share one
-//! pre-processing path.
+//! Image loading and output files: inputs at the model size (through dsr-train's data module, so
+//! that training and inference share one pre-processing path), `.npy` maps, PNG encoding and
+//! atomic writes.
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-use image::imageops::FilterType;
-use image::{DynamicImage, RgbImage};
+use anyhow::{Context, Result};
+use dsr_train::data::{decode_checked, image_to_chw, mask_to_binary, DEFAULT_MAX_PIXELS};
+use image::RgbImage;
 
 /// An input image as the model sees it: RGB in `[0, 1]`, channel-major, at the model size.
 pub struct ModelImage {
@@ -21,54 +18,19 @@ pub struct ModelImage {
     pub original_size: [usize; 2],
 }
 
-/// Decodes `path` (any channel count or bit depth the `image` crate reads) and resizes it to
-/// `size` = `[height, width]` with bilinear filtering; an image already at that size is used as is.
+/// Decodes `path` (any channel count or bit depth) and resizes it to `size` = `[height, width]`
+/// as dsr-train's data module does; an image already at that size is used as is.
 pub fn load_image(path: &Path, size: [usize; 2]) -> Result<ModelImage> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .decode()
-        .with_context(|| format!("{} is not a readable image", path.display()))?;
+    let img = decode_checked(path, DEFAULT_MAX_PIXELS)?;
     let original_size = [img.height() as usize, img.width() as usize];
-    if original_size[0] == 0 || original_size[1] == 0 {
-        bail!("{} is an empty image", path.display());
-    }
-    let (h, w) = (size[0] as u32, size[1] as u32);
-    let eight_bit = matches!(
-        img,
-        DynamicImage::ImageLuma8(_)
-            | DynamicImage::ImageLumaA8(_)
-            | DynamicImage::ImageRgb8(_)
-            | DynamicImage::ImageRgba8(_)
-    );
-    let mut chw = vec![0f32; 3 * size[0] * size[1]];
+    let chw = image_to_chw(&img, size[0] as u32, size[1] as u32);
     let plane = size[0] * size[1];
-    let rgb = if eight_bit {
-        // 8-bit images are divided by 255 exactly as anomalib's `to_tensor` does.
-        let mut rgb = img.to_rgb8();
-        if rgb.dimensions() != (w, h) {
-            rgb = image::imageops::resize(&rgb, w, h, FilterType::Triangle);
+    let mut rgb = RgbImage::new(size[1] as u32, size[0] as u32);
+    for (i, p) in rgb.pixels_mut().enumerate() {
+        for (c, v) in p.0.iter_mut().enumerate() {
+            *v = (chw[c * plane + i] * 255.0).round() as u8;
         }
-        for (i, p) in rgb.pixels().enumerate() {
-            for (c, &v) in p.0.iter().enumerate() {
-                chw[c * plane + i] = f32::from(v) / 255.0;
-            }
-        }
-        rgb
-    } else {
-        // Deeper images (16-bit, float) keep their precision through the resize.
-        let mut rgb = img.to_rgb32f();
-        if rgb.dimensions() != (w, h) {
-            rgb = image::imageops::resize(&rgb, w, h, FilterType::Triangle);
-        }
-        for (i, p) in rgb.pixels().enumerate() {
-            for (c, &v) in p.0.iter().enumerate() {
-                chw[c * plane + i] = v.clamp(0.0, 1.0);
-            }
-        }
-        DynamicImage::ImageRgb32F(rgb).to_rgb8()
-    };
+    }
     Ok(ModelImage {
         chw,
         rgb,
@@ -76,21 +38,14 @@ pub fn load_image(path: &Path, size: [usize; 2]) -> Result<ModelImage> {
     })
 }
 
-/// Reads a ground-truth mask and resizes it to `size` with nearest-neighbour sampling; a pixel
-/// is defective when its grey value is above half the range.
+/// Reads a ground-truth mask at `size` (nearest-neighbour; a pixel is defective where any channel
+/// is above zero, as dsr-train's data module decides).
 pub fn load_mask(path: &Path, size: [usize; 2]) -> Result<Vec<bool>> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open the mask {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read the mask {}", path.display()))?
-        .decode()
-        .with_context(|| format!("the mask {} is not a readable image", path.display()))?;
-    let mut luma = img.to_luma8();
-    let (h, w) = (size[0] as u32, size[1] as u32);
-    if luma.dimensions() != (w, h) {
-        luma = image::imageops::resize(&luma, w, h, FilterType::Nearest);
-    }
-    Ok(luma.pixels().map(|p| p.0[0] > 127).collect())
+    let img = decode_checked(path, DEFAULT_MAX_PIXELS).context("reading a ground-truth mask")?;
+    Ok(mask_to_binary(&img, size[0] as u32, size[1] as u32)
+        .into_iter()
+        .map(|v| v > 0.5)
+        .collect())
 }
 
 /// Writes `bytes` to `path` atomically (temporary file in the same folder, then rename).

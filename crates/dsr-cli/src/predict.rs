@@ -10,9 +10,7 @@ use crate::io::{load_image, npy_bytes, png_bytes, write_file, ModelImage};
 use crate::model::LoadedModel;
 use crate::render::{draw_contours, draw_text, heat_overlay};
 use crate::OnError;
-
-/// The file extensions taken from folders.
-pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
+use dsr_train::data::IMAGE_EXTENSIONS;
 
 /// The options of `dsr predict`.
 pub struct PredictArgs {

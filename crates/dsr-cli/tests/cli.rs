@@ -84,8 +84,11 @@ fn make_image(path: &Path, w: u32, h: u32, defect: bool, seed: u32) -> RgbImage 
     mask
 }
 
-/// `<root>/test/{good,crack}` with masks under `<root>/ground_truth/crack`, sizes 64×64 and 80×70.
+/// `<root>/train/good`, `<root>/test/{good,crack}` with masks under `<root>/ground_truth/crack`, sizes 64×64 and 80×70.
 fn make_dataset(root: &Path) {
+    let train = root.join("train/good");
+    std::fs::create_dir_all(&train).unwrap();
+    make_image(&train.join("000.png"), 64, 64, false, 9);
     let good = root.join("test/good");
     let crack = root.join("test/crack");
     let gt = root.join("ground_truth/crack");
@@ -298,13 +301,8 @@ fn predict_raw_at_model_size_equals_library_inference() {
     let model = ckpt
         .build_model(&ckpt.config.unwrap(), &Device::Cpu)
         .unwrap();
-    let rgb = image::open(&img_path).unwrap().to_rgb8();
-    let mut chw = vec![0f32; 3 * 64 * 64];
-    for (i, p) in rgb.pixels().enumerate() {
-        for c in 0..3 {
-            chw[c * 64 * 64 + i] = f32::from(p.0[c]) / 255.0;
-        }
-    }
+    let chw =
+        dsr_train::data::load_image(&img_path, &dsr_train::data::LoadConfig::new(64, 64)).unwrap();
     let input = Tensor::from_vec(chw, (1, 3, 64, 64), &Device::Cpu).unwrap();
     let expected = model
         .infer(&input)
