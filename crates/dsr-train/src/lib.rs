@@ -42,6 +42,7 @@
 pub mod data;
 pub mod metrics;
 pub mod optim;
+pub mod pipeline;
 pub mod postprocess;
 pub mod pretrain;
 pub mod train;

@@ -1,0 +1,198 @@
+//! The whole training pipeline of one category: load the data, get the discrete model
+//! (pretrained file, or phase 1 on the training images), phases 2 and 3, then evaluation on the
+//! test split with anomalib's metrics and post-processing.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::Device;
+use dsr_augment::ImageBatch;
+use dsr_core::weights::{load_checkpoint, Checkpoint};
+use dsr_core::{DsrConfig, DsrModel};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{load_batch, Entry, LoadConfig, MvtecDataset};
+use crate::metrics::{EvalSet, Metrics};
+use crate::postprocess::PostProcessor;
+use crate::pretrain::{PretrainConfig, PretrainReport, Pretrainer};
+use crate::train::{StepReport, TrainConfig, TrainError, Trainer};
+
+/// Everything a run needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunOptions {
+    /// The data set root (MVTec layout).
+    pub data: PathBuf,
+    /// The category folder inside `data`, if `data` is not itself a category.
+    pub category: Option<String>,
+    /// Pretrained discrete weights; phase 1 runs when absent.
+    pub vq_weights: Option<PathBuf>,
+    /// Phase-1 settings (used when `vq_weights` is absent).
+    pub pretrain: PretrainConfig,
+    /// Phase-2/3 settings.
+    pub train: TrainConfig,
+    /// Images per inference batch in the evaluation.
+    pub eval_batch: usize,
+}
+
+/// What happened during a run, for progress display and logs.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The data set was listed.
+    Data {
+        /// Training images.
+        train: usize,
+        /// Test images.
+        test: usize,
+    },
+    /// A phase-1 step.
+    Pretrain(PretrainReport),
+    /// A phase-2/3 step.
+    Train(StepReport),
+    /// The evaluation finished.
+    Evaluated(Box<Evaluation>),
+}
+
+/// Model outputs on a labelled set, with the metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// Metrics with the post-processor fitted on the same set (anomalib's default validation).
+    pub metrics: Metrics,
+    /// The fitted post-processor.
+    pub postprocess: PostProcessor,
+    /// Raw image scores.
+    pub scores: Vec<f32>,
+    /// Image labels.
+    pub labels: Vec<bool>,
+    /// Seconds spent in inference.
+    pub inference_seconds: f64,
+}
+
+/// Runs `model` over `entries` (labelled, with masks) and computes the metrics.
+pub fn evaluate(
+    model: &DsrModel,
+    entries: &[Entry],
+    size: [usize; 2],
+    batch: usize,
+    device: &Device,
+) -> Result<Evaluation, TrainError> {
+    let cfg = LoadConfig::new(size[0] as u32, size[1] as u32);
+    let (mut scores, mut labels, mut maps, mut masks) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let start = Instant::now();
+    for chunk in entries.chunks(batch.max(1)) {
+        let loaded =
+            load_batch(chunk, &cfg, true).map_err(|e| TrainError::Config(e.to_string()))?;
+        labels.extend(loaded.labels.iter().copied());
+        masks.extend(loaded.masks.iter().flatten().map(|&v| v > 0.5));
+        let (images, _) = loaded.into_tensors(device)?;
+        let out = model.infer(&images)?;
+        scores.extend(out.pred_score.to_vec1::<f32>()?);
+        maps.extend(out.anomaly_map.flatten_all()?.to_vec1::<f32>()?);
+    }
+    let inference_seconds = start.elapsed().as_secs_f64();
+    let metric_err = |e: crate::metrics::MetricsError| TrainError::Config(format!("metrics: {e}"));
+    let postprocess = PostProcessor::fit(&scores, &labels, &maps, &masks).map_err(metric_err)?;
+    let set =
+        EvalSet::new(&scores, &labels, &maps, &masks, size[0], size[1]).map_err(metric_err)?;
+    let metrics = Metrics::compute(&set, &postprocess).map_err(metric_err)?;
+    Ok(Evaluation {
+        metrics,
+        postprocess,
+        scores,
+        labels,
+        inference_seconds,
+    })
+}
+
+fn image_batch(entries: &[Entry], size: [usize; 2]) -> Result<ImageBatch, TrainError> {
+    let cfg = LoadConfig::new(size[0] as u32, size[1] as u32);
+    let loaded = load_batch(entries, &cfg, false).map_err(|e| TrainError::Config(e.to_string()))?;
+    Ok(ImageBatch::new(
+        loaded.len(),
+        3,
+        size[0],
+        size[1],
+        loaded.images,
+    )?)
+}
+
+/// Runs phases (1,) 2 and 3 and the evaluation; returns the trainer (for saving) and the
+/// evaluation. `on_event` sees every step.
+pub fn run(
+    opts: &RunOptions,
+    device: &Device,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<(Trainer, Evaluation), TrainError> {
+    let data = MvtecDataset::open(&opts.data, opts.category.as_deref())
+        .map_err(|e| TrainError::Config(e.to_string()))?;
+    on_event(&Event::Data {
+        train: data.listing.train.len(),
+        test: data.listing.test.len(),
+    });
+    let size = opts.train.image_size;
+    let images = image_batch(&data.listing.train, size)?;
+    let discrete: Checkpoint = match &opts.vq_weights {
+        Some(path) => load_checkpoint(path)?,
+        None => {
+            let pre_images = if opts.pretrain.crop == size[0] && size[0] == size[1] {
+                images.clone()
+            } else {
+                image_batch(
+                    &data.listing.train,
+                    [
+                        opts.pretrain.crop.max(size[0]),
+                        opts.pretrain.crop.max(size[1]),
+                    ],
+                )?
+            };
+            let mut pre = Pretrainer::new(
+                PretrainConfig {
+                    model: opts.train.model,
+                    ..opts.pretrain.clone()
+                },
+                pre_images,
+                device,
+            )?;
+            while !pre.is_done() {
+                let report = pre.train_step()?;
+                on_event(&Event::Pretrain(report));
+            }
+            Checkpoint {
+                path: "phase-1 (in memory)".into(),
+                tensors: pre.discrete_tensors(),
+                config: Some(opts.train.model),
+                image_size: None,
+                metadata: Default::default(),
+            }
+        }
+    };
+    let mut trainer = Trainer::new(opts.train.clone(), &discrete, images, device)?;
+    while !trainer.is_done() {
+        let report = trainer.train_step()?;
+        on_event(&Event::Train(report));
+    }
+    let evaluation = evaluate(
+        trainer.model(),
+        &data.listing.test,
+        size,
+        opts.eval_batch,
+        device,
+    )?;
+    on_event(&Event::Evaluated(Box::new(evaluation.clone())));
+    Ok((trainer, evaluation))
+}
+
+/// A small, fast configuration for demos and smoke runs: the tiny-ish model widths used in
+/// the CPU demo, at `size`×`size`.
+pub fn small_model() -> DsrConfig {
+    DsrConfig {
+        latent_anomaly_strength: 0.2,
+        embedding_dim: 32,
+        num_embeddings: 256,
+        num_hiddens: 32,
+        num_residual_layers: 2,
+        num_residual_hiddens: 16,
+        anomaly_detection_module_base_width: 16,
+        upsampling_module_base_width: 16,
+    }
+}
