@@ -77,7 +77,8 @@ enum Command {
     ///
     /// Writes per image <OUT>/<stem>.png (jet overlay, predicted-mask contours in red, score and
     /// label) and <OUT>/<stem>.npy (float32 H×W map at the model's input size), and for the run
-    /// <OUT>/predictions.csv and <OUT>/predictions.json. Every file is written atomically.
+    /// <OUT>/predictions.csv and <OUT>/predictions.json. Every file is written atomically. When two
+    /// inputs share a stem, the later ones get `_2`, `_3`, … appended.
     #[command(after_help = EXIT_CODES)]
     Predict {
         /// The checkpoint (its `dsr.image_size` sets the input size; default 256×256).
@@ -100,7 +101,7 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = 8)]
         batch: usize,
     },
-    /// Evaluate on the test split of an MVTec-style folder (<data>/test/<defect>/,
+    /// Evaluate on the test split of an MVTec-style folder (<data>/train/good/, <data>/test/<defect>/,
     /// <data>/ground_truth/<defect>/<stem>_mask.png): image AUROC and AP, pixel AUROC and AP,
     /// AUPRO (FPR ≤ 0.3), F1-max and F1 at the stored threshold, overall and per defect type.
     ///
