@@ -98,11 +98,13 @@ impl Adam {
             let Some(g) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
-            slot.m = ((&slot.m * b1)? + (g * (1.0 - b1))?)?;
-            slot.v = ((&slot.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            // Detached, so that the moments do not keep this step's graph alive (the
+            // gradients are themselves results of tracked operations).
+            slot.m = ((&slot.m * b1)? + (g * (1.0 - b1))?)?.detach();
+            slot.v = ((&slot.v * b2)? + (g.sqr()? * (1.0 - b2))?)?.detach();
             let denom = ((slot.v.sqrt()? / bias2_sqrt)? + self.cfg.eps)?;
             let update = ((&slot.m / denom)? * step_size)?;
-            slot.var.set(&(slot.var.as_tensor() - update)?)?;
+            slot.var.set(&(slot.var.as_tensor().detach() - update)?)?;
         }
         Ok(())
     }
