@@ -81,11 +81,13 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let ys = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        match &self.bias {
-            Some(b) => ys.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-            None => Ok(ys),
-        }
+        crate::conv::conv2d(
+            xs,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )
     }
 }
 
@@ -114,8 +116,7 @@ impl ConvTranspose2d {
 
 impl Module for ConvTranspose2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let ys = xs.conv_transpose2d(&self.weight, 1, 0, 2, 1)?;
-        ys.broadcast_add(&self.bias.reshape((1, self.bias.dim(0)?, 1, 1))?)
+        crate::conv::conv_transpose2d(xs, &self.weight, Some(&self.bias), 2, 1)
     }
 }
 

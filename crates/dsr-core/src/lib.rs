@@ -43,6 +43,7 @@
 pub mod anomaly;
 pub mod anomaly_detection;
 pub mod config;
+pub mod conv;
 pub mod discrete;
 mod error;
 pub mod init;

@@ -1,0 +1,151 @@
+//! The fast CPU convolutions against candle's own operators at DSR's shapes: forward alone and
+//! forward + backward (input, weight and bias gradients).
+//!
+//! `cargo bench -p dsr-core --bench conv -- --warm-up-time 1 --measurement-time 3`
+
+use candle_core::{Device, Tensor, Var};
+use criterion::{criterion_group, criterion_main, Criterion};
+use dsr_core::conv::{conv2d, conv_transpose2d};
+use rand::{Rng, SeedableRng};
+
+/// Uniform values in [−scale, scale) from a seeded generator.
+fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Which implementation a benchmark runs.
+#[derive(Debug, Clone, Copy)]
+enum Imp {
+    Fast,
+    Candle,
+}
+
+/// One benchmarked layer: a convolution or a transposed convolution.
+struct Layer {
+    name: &'static str,
+    transposed: bool,
+    x: Var,
+    w: Var,
+    b: Var,
+    stride: usize,
+    padding: usize,
+}
+
+impl Layer {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        name: &'static str,
+        transposed: bool,
+        (n, ci, h, w): (usize, usize, usize, usize),
+        co: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Self {
+        let w_shape = if transposed {
+            [ci, co, k, k]
+        } else {
+            [co, ci, k, k]
+        };
+        Self {
+            name,
+            transposed,
+            x: Var::from_tensor(&random(&[n, ci, h, w], 1, 1.0)).unwrap(),
+            w: Var::from_tensor(&random(&w_shape, 2, 0.1)).unwrap(),
+            b: Var::from_tensor(&random(&[co], 3, 0.1)).unwrap(),
+            stride,
+            padding,
+        }
+    }
+
+    fn forward(&self, imp: Imp) -> Tensor {
+        let (x, w, b) = (self.x.as_tensor(), self.w.as_tensor(), self.b.as_tensor());
+        match (imp, self.transposed) {
+            (Imp::Fast, false) => conv2d(x, w, Some(b), self.stride, self.padding).unwrap(),
+            (Imp::Fast, true) => {
+                conv_transpose2d(x, w, Some(b), self.stride, self.padding).unwrap()
+            }
+            (Imp::Candle, false) => x
+                .conv2d(w, self.padding, self.stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, b.elem_count(), 1, 1)).unwrap())
+                .unwrap(),
+            (Imp::Candle, true) => x
+                .conv_transpose2d(w, self.padding, 0, self.stride, 1)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, b.elem_count(), 1, 1)).unwrap())
+                .unwrap(),
+        }
+    }
+}
+
+fn bench_layers(c: &mut Criterion) {
+    let layers = [
+        Layer::new(
+            "conv 128->128 k3 8x64x64",
+            false,
+            (8, 128, 64, 64),
+            128,
+            3,
+            1,
+            1,
+        ),
+        Layer::new(
+            "conv 64->64 k3 2x256x256",
+            false,
+            (2, 64, 256, 256),
+            64,
+            3,
+            1,
+            1,
+        ),
+        Layer::new(
+            "conv 3->64 k4 s2 8x256x256",
+            false,
+            (8, 3, 256, 256),
+            64,
+            4,
+            2,
+            1,
+        ),
+        Layer::new(
+            "conv 128->64 k1 8x64x64",
+            false,
+            (8, 128, 64, 64),
+            64,
+            1,
+            1,
+            0,
+        ),
+        Layer::new(
+            "convT 128->64 k4 s2 8x64x64",
+            true,
+            (8, 128, 64, 64),
+            64,
+            4,
+            2,
+            1,
+        ),
+    ];
+    for layer in &layers {
+        let mut group = c.benchmark_group(layer.name);
+        group.sample_size(10);
+        for (label, imp) in [("fast", Imp::Fast), ("candle", Imp::Candle)] {
+            group.bench_function(format!("{label} fwd"), |bench| {
+                bench.iter(|| layer.forward(imp))
+            });
+            group.bench_function(format!("{label} fwd+bwd"), |bench| {
+                bench.iter(|| layer.forward(imp).sum_all().unwrap().backward().unwrap())
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench_layers);
+criterion_main!(benches);
