@@ -1,16 +1,34 @@
 //! Project automation, run as `cargo xtask <task>` (the alias lives in `.cargo/config.toml`;
 //! see the cargo-xtask convention). `cargo xtask` alone lists the tasks.
 
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
+mod fetch;
+
 const TASKS: &str = "tasks:
-  ci      run what CI runs: cargo fmt --check, clippy -D warnings, cargo test --workspace
+  ci             run what CI runs: cargo fmt --check, clippy -D warnings, cargo test --workspace
+  fetch-weights  download (checksummed, resumable) and convert the pretrained discrete model
+";
+
+const FETCH_USAGE: &str = "usage: cargo xtask fetch-weights [--from FILE] [--force]
+
+Downloads anomalib's dsr_vq_model_pretrained.zip, checks its SHA-256, unpacks
+vq_model_pretrained_128_4096.pckl and converts it to
+vq_model_pretrained_128_4096.safetensors in the cache folder: $DSR_HOME if set,
+else the platform cache folder + dsr (~/.cache/dsr on Linux). An interrupted
+download resumes on the next run.
+
+  --from FILE  use a local copy instead of downloading: the zip archive (its
+               SHA-256 is checked) or the .pckl itself (not checkable)
+  --force      convert again even if the converted file exists
 ";
 
 fn main() -> ExitCode {
     let task = std::env::args().nth(1);
     match task.as_deref() {
         Some("ci") => run_ci(),
+        Some("fetch-weights") => run_fetch_weights(std::env::args().skip(2).collect()),
         None => {
             print!("{TASKS}");
             ExitCode::SUCCESS
@@ -47,4 +65,68 @@ fn run_ci() -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// The options of `fetch-weights`, or `None` after `--help`.
+fn parse_fetch_args(args: &[String]) -> Result<Option<(Option<PathBuf>, bool)>, String> {
+    let mut from = None;
+    let mut force = false;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--force" => force = true,
+            "--from" => match it.next() {
+                Some(v) if !v.is_empty() => from = Some(PathBuf::from(v)),
+                _ => return Err("--from needs a file".to_string()),
+            },
+            other => match other.strip_prefix("--from=") {
+                Some(v) if !v.is_empty() => from = Some(PathBuf::from(v)),
+                _ => return Err(format!("unexpected argument '{other}'")),
+            },
+        }
+    }
+    Ok(Some((from, force)))
+}
+
+fn run_fetch_weights(args: Vec<String>) -> ExitCode {
+    let (from, force) = match parse_fetch_args(&args) {
+        Ok(Some(parsed)) => parsed,
+        Ok(None) => {
+            print!("{FETCH_USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("error: {e}\n{FETCH_USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(cache_dir) = dsr_core::cache::dsr_home() else {
+        eprintln!(
+            "error: no cache folder is known on this machine: set DSR_HOME to the folder for the weights"
+        );
+        return ExitCode::from(1);
+    };
+    let mut request = fetch::Request::new(cache_dir);
+    request.from = from;
+    request.force = force;
+    match fetch::fetch_weights(&request) {
+        Ok(report) => {
+            match report.action {
+                fetch::Action::AlreadyPresent => println!(
+                    "the pretrained discrete model is already at {} (--force converts it again)",
+                    report.weights.display()
+                ),
+                fetch::Action::Converted { .. } => println!(
+                    "the pretrained discrete model is at {}",
+                    report.weights.display()
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }

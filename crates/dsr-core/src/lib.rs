@@ -14,6 +14,7 @@
 //! * [`DiscreteLatentModel`], [`VectorQuantizer`]: the pretrained part (trainable on its own for
 //!   phase 1, with the EMA codebook update).
 //! * [`weights`]: our safetensors checkpoints, the official `.pckl`, anomalib `.ckpt`.
+//! * [`cache`]: where `cargo xtask fetch-weights` puts the pretrained discrete model.
 //!
 //! candle 0.11 traps avoided here (each has a test): `max_pool2d`'s backward is scaled by 1/k²
 //! (we pool by reshape + max), `upsample_nearest2d`'s backward overwrites gradients (we upsample
@@ -42,6 +43,7 @@
 
 pub mod anomaly;
 pub mod anomaly_detection;
+pub mod cache;
 pub mod config;
 pub mod conv;
 pub mod discrete;
