@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use dsr_train::data::MvtecDataset;
+use dsr_train::data::{Entry, MvtecDataset};
 use dsr_train::metrics::{metrics_per_defect_type, EvalCurves, EvalSet, Metrics, GOOD_DEFECT_TYPE};
 use dsr_train::postprocess::PostProcessor;
 use serde::Serialize;
@@ -41,32 +41,32 @@ pub struct Sample {
 /// Lists the test split of an MVTec-layout data set (see dsr-train's data module).
 pub fn scan_test_split(data: &Path, category: Option<&str>) -> Result<(PathBuf, Vec<Sample>)> {
     let dataset = MvtecDataset::open(data, category)?;
-    let mut samples = Vec::with_capacity(dataset.listing.test.len());
-    for entry in dataset.listing.test {
+    let samples = samples_from_entries(&dataset.listing.test, &dataset.root)?;
+    Ok((dataset.root, samples))
+}
+
+/// Turns labelled data-set entries of `root` into test samples; every defective image needs its
+/// mask.
+pub fn samples_from_entries(entries: &[Entry], root: &Path) -> Result<Vec<Sample>> {
+    let mut samples = Vec::with_capacity(entries.len());
+    for entry in entries {
         if entry.label && entry.mask_path.is_none() {
             bail!(
                 "the defective image {} has no ground-truth mask under {}",
                 entry.path.display(),
-                dataset
-                    .root
-                    .join("ground_truth")
-                    .join(&entry.defect_type)
-                    .display()
+                root.join("ground_truth").join(&entry.defect_type).display()
             );
         }
         samples.push(Sample {
-            path: entry.path,
-            defect_type: entry.defect_type,
-            mask: entry.mask_path,
+            path: entry.path.clone(),
+            defect_type: entry.defect_type.clone(),
+            mask: entry.mask_path.clone(),
         });
     }
     if samples.is_empty() {
-        bail!(
-            "{} holds no test image",
-            dataset.root.join("test").display()
-        );
+        bail!("{} holds no test image", root.join("test").display());
     }
-    Ok((dataset.root, samples))
+    Ok(samples)
 }
 
 #[derive(Serialize)]
@@ -101,8 +101,23 @@ pub fn run(args: &TestArgs) -> Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let model = LoadedModel::load(&args.model)?;
     let (root, samples) = scan_test_split(&args.data, args.category.as_deref())?;
+    evaluate_samples(&args.model, &root, samples, &args.out, args.batch)
+}
+
+/// Evaluates the model in `model_path` on `samples` of the data set `root`; prints the table and
+/// writes `<out>/metrics.json` and `<out>/report.html`.
+pub fn evaluate_samples(
+    model_path: &Path,
+    root: &Path,
+    samples: Vec<Sample>,
+    out: &Path,
+    batch: usize,
+) -> Result<()> {
+    if batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let model = LoadedModel::load(model_path)?;
     let size = model.size;
     let pixels = size[0] * size[1];
     let mut ev = Evaluated {
@@ -112,7 +127,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         masks: Vec::with_capacity(samples.len() * pixels),
         samples,
     };
-    for chunk in ev.samples.chunks(args.batch) {
+    for chunk in ev.samples.chunks(batch) {
         let mut images = Vec::with_capacity(chunk.len());
         for s in chunk {
             images.push(load_image(&s.path, size)?);
@@ -150,10 +165,10 @@ pub fn run(args: &TestArgs) -> Result<()> {
         .context("cannot compute the per-defect-type metrics")?;
     print_table(&overall, &per_type);
     println!("F1 thresholds: {threshold_source}");
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create the output folder {}", args.out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create the output folder {}", out.display()))?;
     let file = MetricsFile {
-        model: args.model.display().to_string(),
+        model: model_path.display().to_string(),
         data: root.display().to_string(),
         image_size: size,
         num_images: ev.scores.len(),
@@ -163,7 +178,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         overall: &overall,
         per_defect_type: &per_type,
     };
-    let metrics_path = args.out.join("metrics.json");
+    let metrics_path = out.join("metrics.json");
     write_file(
         &metrics_path,
         serde_json::to_string_pretty(&file)?.as_bytes(),
@@ -178,7 +193,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         curves: &curves,
         evaluated: &ev,
     })?;
-    let report_path = args.out.join("report.html");
+    let report_path = out.join("report.html");
     write_file(&report_path, html.as_bytes())?;
     println!(
         "wrote {} and {}",

@@ -2,23 +2,23 @@
 //!
 //! Exit codes: 0 success, 1 failure (the message names the file and the problem), 2 usage error.
 
+mod augment;
 mod convert;
 mod evaluate;
 mod io;
 mod model;
 mod predict;
+mod progress;
 mod render;
 mod report;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
 use clap::{Parser, Subcommand, ValueEnum};
 use dsr_core::weights::{load_checkpoint, META_CONFIG, META_IMAGE_SIZE};
-use dsr_core::{DsrConfig, DsrModel};
 use dsr_train::postprocess::{PostProcessor, METADATA_KEY};
 
 const EXIT_CODES: &str = "Exit codes:
@@ -127,10 +127,166 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = 8)]
         batch: usize,
     },
-    /// The built-in demo (for now the inference pipeline of a small untrained model; training
-    /// arrives with the training work).
+    /// Train DSR (phases 2 and 3, after phase 1 or with pretrained discrete weights) on an
+    /// MVTec-style folder, then test it.
+    ///
+    /// The run goes to <RESULTS>/dsr/<dataset>/<category>/vN/: config.toml (the resolved
+    /// configuration), metrics.jsonl (one line per step), weights/last.safetensors (resumable
+    /// checkpoint), weights/model.safetensors (the final model with its thresholds, for
+    /// `predict`), metrics.json and report.html (the test). Settings come from the defaults,
+    /// then --config, then the flags, then --set.
     #[command(after_help = EXIT_CODES)]
-    Demo,
+    Train {
+        /// A TOML run configuration (sections data, vq, pretrain, train, output; see
+        /// docs/training.md). Default: the reference settings.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The data set folder (MVTec AD layout): a category folder, or the root of several
+        /// with --category.
+        #[arg(long, value_name = "DIR", required_unless_present_any = ["resume", "config"])]
+        data: Option<PathBuf>,
+        /// The category sub-folder of --data.
+        #[arg(long, value_name = "C")]
+        category: Option<String>,
+        /// Pretrained discrete-model weights (official .pckl, our safetensors, anomalib
+        /// model.ckpt). Default: the cached official weights of `cargo xtask fetch-weights` when
+        /// the model configuration fits them.
+        #[arg(long, value_name = "FILE")]
+        vq_weights: Option<PathBuf>,
+        /// Train phase 1 (the discrete model) on the training images first, instead of loading
+        /// weights.
+        #[arg(long)]
+        pretrain: bool,
+        /// Phase-1 steps (implies --pretrain). Default 2000.
+        #[arg(long, value_name = "N")]
+        pretrain_steps: Option<u64>,
+        /// The model configuration. Default: reference (the paper's widths).
+        #[arg(long, value_enum, value_name = "PRESET")]
+        preset: Option<train::Preset>,
+        /// Training image size H,W (multiples of 32, at least 64). Default 256,256.
+        #[arg(long, value_name = "H,W", value_parser = parse_size)]
+        image_size: Option<[usize; 2]>,
+        /// Images per step. Default 8.
+        #[arg(long, value_name = "N")]
+        batch: Option<usize>,
+        /// Phase-2 steps (original schedule). Default 100000.
+        #[arg(long, value_name = "N")]
+        phase2_steps: Option<u64>,
+        /// Phase-3 steps (original schedule). Default 50000.
+        #[arg(long, value_name = "N")]
+        phase3_steps: Option<u64>,
+        /// Synthetic-anomaly recipe: original or anomalib. Default original.
+        #[arg(long, value_name = "RECIPE")]
+        recipe: Option<dsr_augment::Recipe>,
+        /// Focal loss: original (on probabilities, the paper's) or anomalib (kornia's on
+        /// softmax outputs). Default original.
+        #[arg(long, value_name = "KIND", value_parser = parse_focal)]
+        focal: Option<dsr_losses::FocalKind>,
+        /// Seed of every random draw. Default 0.
+        #[arg(long, value_name = "N")]
+        seed: Option<u64>,
+        /// The results root. Default results.
+        #[arg(long, value_name = "DIR")]
+        results: Option<PathBuf>,
+        /// Write the resumable checkpoint every N steps. Default 100.
+        #[arg(long, value_name = "N")]
+        checkpoint_every: Option<u64>,
+        /// Any configuration value, as section.key=value (TOML value), e.g.
+        /// --set train.adam.lr=1e-4 --set data.val_split=from_test:0.5. Repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Continue the run in this folder (its config.toml and weights/last.safetensors); the
+        /// other settings flags are not allowed with it.
+        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "data", "category", "vq_weights", "pretrain", "pretrain_steps", "preset", "image_size", "batch", "phase2_steps", "phase3_steps", "recipe", "focal", "seed", "results", "checkpoint_every", "set"])]
+        resume: Option<PathBuf>,
+        /// Skip the test evaluation at the end.
+        #[arg(long)]
+        no_test: bool,
+        /// The compute device.
+        #[arg(long, value_enum, default_value_t = train::DeviceArg::Cpu)]
+        device: train::DeviceArg,
+    },
+    /// Phase 1: pretrain the discrete latent model (encoders, EMA codebooks, general decoder)
+    /// on a folder of images; the result loads like the official .pckl (`--vq-weights`).
+    #[command(after_help = EXIT_CODES)]
+    Pretrain {
+        /// The image folder (searched recursively).
+        #[arg(long, value_name = "DIR")]
+        images: PathBuf,
+        /// The output file.
+        #[arg(long, value_name = "FILE", default_value = "vq.safetensors")]
+        out: PathBuf,
+        /// The model configuration (its discrete part is trained).
+        #[arg(long, value_enum, default_value_t = train::Preset::Reference)]
+        preset: train::Preset,
+        /// Steps.
+        #[arg(long, value_name = "N", default_value_t = 2000)]
+        steps: u64,
+        /// Side of the random square crops.
+        #[arg(long, value_name = "PX", default_value_t = 128)]
+        crop: usize,
+        /// Side the images are resized to before cropping.
+        #[arg(long, value_name = "PX", default_value_t = 256)]
+        load_size: usize,
+        /// Crops per step.
+        #[arg(long, value_name = "N", default_value_t = 16)]
+        batch: usize,
+        /// Seed.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        seed: u64,
+        /// The compute device.
+        #[arg(long, value_enum, default_value_t = train::DeviceArg::Cpu)]
+        device: train::DeviceArg,
+    },
+    /// Preview the synthetic anomalies: PNG grids of phase-2 masks and of phase-3 smudged
+    /// images (contours of their masks) with their masks.
+    #[command(after_help = EXIT_CODES)]
+    Augment {
+        /// A category folder (its train/good is used) or a folder of images.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// The recipe: original or anomalib.
+        #[arg(long, value_name = "RECIPE", default_value = "original")]
+        recipe: dsr_augment::Recipe,
+        /// Samples per grid.
+        #[arg(long, value_name = "N", default_value_t = 16)]
+        n: usize,
+        /// The output folder.
+        #[arg(long, value_name = "DIR", default_value = "augment-preview")]
+        out: PathBuf,
+        /// Image side (a multiple of 32).
+        #[arg(long, value_name = "PX", default_value_t = 256)]
+        size: usize,
+        /// Seed.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        seed: u64,
+    },
+    /// The built-in demo: trains a small DSR on the battery_weld images shipped in
+    /// assets/demo (phases 1-3, about 10 minutes on 2 cores), tests it and writes the report.
+    #[command(after_help = EXIT_CODES)]
+    Demo {
+        /// Another data set folder (MVTec layout) instead of the shipped one.
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// The results root.
+        #[arg(long, value_name = "DIR", default_value = "results")]
+        results: PathBuf,
+        /// A smoke run of a few steps at 64×64 (seconds; the model learns little).
+        #[arg(long)]
+        quick: bool,
+        /// The compute device.
+        #[arg(long, value_enum, default_value_t = train::DeviceArg::Cpu)]
+        device: train::DeviceArg,
+    },
+}
+
+/// Parses a focal-loss kind.
+fn parse_focal(s: &str) -> std::result::Result<dsr_losses::FocalKind, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "original" => Ok(dsr_losses::FocalKind::Original),
+        "anomalib" => Ok(dsr_losses::FocalKind::Anomalib),
+        _ => Err(format!("'{s}' is not a focal loss: original or anomalib")),
+    }
 }
 
 /// Parses `H,W` (or `HxW`) into `[H, W]`.
@@ -190,7 +346,99 @@ fn main() -> ExitCode {
             out,
             batch,
         }),
-        Command::Demo => demo(),
+        Command::Train {
+            config,
+            data,
+            category,
+            vq_weights,
+            pretrain,
+            pretrain_steps,
+            preset,
+            image_size,
+            batch,
+            phase2_steps,
+            phase3_steps,
+            recipe,
+            focal,
+            seed,
+            results,
+            checkpoint_every,
+            set,
+            resume,
+            no_test,
+            device,
+        } => train::train(
+            &train::TrainOverrides {
+                config,
+                data,
+                category,
+                vq_weights,
+                pretrain,
+                pretrain_steps,
+                preset,
+                image_size,
+                batch,
+                phase2_steps,
+                phase3_steps,
+                recipe,
+                focal,
+                seed,
+                results,
+                checkpoint_every,
+                set,
+            },
+            resume.as_deref(),
+            device,
+            !no_test,
+        ),
+        Command::Pretrain {
+            images,
+            out,
+            preset,
+            steps,
+            crop,
+            load_size,
+            batch,
+            seed,
+            device,
+        } => train::pretrain(&train::PretrainArgs {
+            images,
+            out,
+            preset,
+            steps,
+            crop,
+            load_size,
+            batch,
+            seed,
+            device,
+        }),
+        Command::Augment {
+            data,
+            recipe,
+            n,
+            out,
+            size,
+            seed,
+        } => augment::run(&augment::AugmentArgs {
+            data,
+            recipe,
+            n,
+            out,
+            size,
+            seed,
+        })
+        .map(|_| ()),
+        Command::Demo {
+            data,
+            results,
+            quick,
+            device,
+        } => train::demo(&train::DemoArgs {
+            data,
+            results,
+            quick,
+            device,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -238,23 +486,6 @@ fn info(path: PathBuf) -> Result<()> {
             println!("metadata {k}: {v}");
         }
     }
-    Ok(())
-}
-
-fn demo() -> Result<()> {
-    println!("dsr demo: training (phases 1-3 on the vendored battery_weld images) lands with the training and CLI issues.");
-    println!("For now: the inference pipeline of a small untrained model on a 128×128 batch.");
-    let cfg = DsrConfig::tiny();
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let model = DsrModel::new(&cfg, vb)?;
-    let image = Tensor::rand(0f32, 1f32, (2, 3, 128, 128), &Device::Cpu)?;
-    let out = model.infer(&image)?;
-    println!(
-        "anomaly map {:?}, scores {:?}",
-        out.anomaly_map.dims(),
-        out.pred_score.to_vec1::<f32>()?
-    );
     Ok(())
 }
 

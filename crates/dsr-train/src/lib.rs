@@ -45,4 +45,5 @@ pub mod optim;
 pub mod pipeline;
 pub mod postprocess;
 pub mod pretrain;
+pub mod session;
 pub mod train;

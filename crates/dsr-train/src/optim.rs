@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// Adam hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdamConfig {
     /// Learning rate.
     pub lr: f64,

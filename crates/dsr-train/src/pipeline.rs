@@ -104,7 +104,8 @@ pub fn evaluate(
     })
 }
 
-fn image_batch(entries: &[Entry], size: [usize; 2]) -> Result<ImageBatch, TrainError> {
+/// Loads `entries` (no masks) at `size` into one batch; the first unreadable file is an error.
+pub fn load_image_batch(entries: &[Entry], size: [usize; 2]) -> Result<ImageBatch, TrainError> {
     let cfg = LoadConfig::new(size[0] as u32, size[1] as u32);
     let loaded = load_batch(entries, &cfg, false).map_err(|e| TrainError::Config(e.to_string()))?;
     Ok(ImageBatch::new(
@@ -130,14 +131,14 @@ pub fn run(
         test: data.listing.test.len(),
     });
     let size = opts.train.image_size;
-    let images = image_batch(&data.listing.train, size)?;
+    let images = load_image_batch(&data.listing.train, size)?;
     let discrete: Checkpoint = match &opts.vq_weights {
         Some(path) => load_checkpoint(path)?,
         None => {
             let pre_images = if opts.pretrain.crop == size[0] && size[0] == size[1] {
                 images.clone()
             } else {
-                image_batch(
+                load_image_batch(
                     &data.listing.train,
                     [
                         opts.pretrain.crop.max(size[0]),

@@ -28,6 +28,7 @@ use crate::train::{Result, TrainError};
 
 /// Everything that defines a phase-1 run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PretrainConfig {
     /// Model hyper-parameters (only the discrete part is trained).
     pub model: DsrConfig,

@@ -135,6 +135,7 @@ impl std::fmt::Display for Phase {
 
 /// Everything that defines a phase-2/3 run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// Model hyper-parameters (the discrete part must match the pretrained weights).
     pub model: DsrConfig,

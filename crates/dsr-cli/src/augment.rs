@@ -1,0 +1,80 @@
+//! `dsr augment`: PNG grids of what the model is trained on (phase-2 masks, phase-3 smudged
+//! images with their masks).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use dsr_augment::preview::{image_grid, mask_grid, RgbImage};
+use dsr_augment::{ImageBatch, MaskGenerator, Recipe, SmudgeGenerator};
+use dsr_train::data::{list_images, load_image, LoadConfig};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::io::{png_bytes, write_file};
+
+/// The options of `dsr augment`.
+pub struct AugmentArgs {
+    /// A category folder (`train/good` is used when present) or a folder of images.
+    pub data: PathBuf,
+    /// The recipe.
+    pub recipe: Recipe,
+    /// Samples per grid.
+    pub n: usize,
+    /// The output folder.
+    pub out: PathBuf,
+    /// Image side.
+    pub size: usize,
+    /// Seed.
+    pub seed: u64,
+}
+
+fn save(grid: &RgbImage, path: &Path) -> Result<()> {
+    let img = image::RgbImage::from_raw(grid.width as u32, grid.height as u32, grid.pixels.clone())
+        .context("internal error: the grid buffer does not match its size")?;
+    write_file(path, &png_bytes(&img)?)
+}
+
+/// Runs `dsr augment`; returns the files written.
+pub fn run(a: &AugmentArgs) -> Result<Vec<PathBuf>> {
+    if a.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    dsr_core::config::validate_image_size(a.size, a.size)?;
+    let good = a.data.join("train").join("good");
+    let dir = if good.is_dir() { good } else { a.data.clone() };
+    if !dir.is_dir() {
+        bail!("the image folder {} does not exist", dir.display());
+    }
+    let files = list_images(&dir)?;
+    if files.is_empty() {
+        bail!("no image files in {}", dir.display());
+    }
+    let cfg = LoadConfig::new(a.size as u32, a.size as u32);
+    let mut data = Vec::with_capacity(a.n * 3 * a.size * a.size);
+    for i in 0..a.n {
+        data.extend(load_image(&files[i % files.len()], &cfg)?);
+    }
+    let images = ImageBatch::new(a.n, 3, a.size, a.size, data)?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create the output folder {}", a.out.display()))?;
+    let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
+    let columns = (a.n as f64).sqrt().ceil() as usize;
+    let masks = MaskGenerator::new(a.recipe).generate_batch(a.n, a.size, a.size, &mut rng)?;
+    let smudger = SmudgeGenerator::new(a.recipe, &mut rng);
+    let (smudged, smudge_masks) = smudger.apply_batch(&images, &mut rng)?;
+    let written = vec![
+        a.out.join(format!("phase2_masks_{}.png", a.recipe)),
+        a.out.join(format!("phase3_images_{}.png", a.recipe)),
+        a.out.join(format!("phase3_masks_{}.png", a.recipe)),
+    ];
+    save(&mask_grid(&masks, columns), &written[0])?;
+    save(
+        &image_grid(&smudged, Some(&smudge_masks), columns),
+        &written[1],
+    )?;
+    save(&mask_grid(&smudge_masks, columns), &written[2])?;
+    for p in &written {
+        println!("wrote {}", p.display());
+    }
+    Ok(written)
+}

@@ -1,0 +1,429 @@
+//! `dsr train`, `dsr pretrain` and `dsr demo`: training runs with progress, checkpoints and the
+//! results folder, then the test evaluation.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::ValueEnum;
+use dsr_augment::Recipe;
+use dsr_core::DsrConfig;
+use dsr_losses::FocalKind;
+use dsr_train::data::{list_images, Entry};
+use dsr_train::pipeline::{load_image_batch, small_model};
+use dsr_train::pretrain::{PretrainConfig, Pretrainer};
+use dsr_train::session::{RunConfig, RunOutcome, Session, SessionEvent};
+use dsr_train::train::Schedule;
+
+use crate::evaluate;
+use crate::progress::{human, Progress};
+
+/// A named model configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Preset {
+    /// The paper's and anomalib's configuration (fits the official pretrained discrete model).
+    Reference,
+    /// Narrow networks (embedding 32, 256 codes, U-Net width 16) for CPU demos and smoke runs;
+    /// needs its own phase 1 (`--pretrain`).
+    Small,
+    /// The smallest widths (embedding 4, 32 codes, U-Net width 4): for tests and smoke runs only.
+    Tiny,
+}
+
+impl Preset {
+    /// The model configuration.
+    pub fn config(self) -> DsrConfig {
+        match self {
+            Preset::Reference => DsrConfig::default(),
+            Preset::Small => small_model(),
+            Preset::Tiny => DsrConfig::tiny(),
+        }
+    }
+}
+
+/// The compute device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// The CPU (all cores).
+    Cpu,
+    /// The first CUDA GPU (a binary built with `--features cuda`).
+    Cuda,
+}
+
+impl DeviceArg {
+    /// The candle device.
+    pub fn device(self) -> Result<Device> {
+        match self {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda => Device::new_cuda(0).context(
+                "cannot use the CUDA device (this binary must be built with `--features cuda` on a machine with a CUDA toolkit and a GPU)",
+            ),
+        }
+    }
+}
+
+/// The options of `dsr train` that change the run configuration.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOverrides {
+    /// `--config`.
+    pub config: Option<PathBuf>,
+    /// `--data`.
+    pub data: Option<PathBuf>,
+    /// `--category`.
+    pub category: Option<String>,
+    /// `--vq-weights`.
+    pub vq_weights: Option<PathBuf>,
+    /// `--pretrain`.
+    pub pretrain: bool,
+    /// `--pretrain-steps`.
+    pub pretrain_steps: Option<u64>,
+    /// `--preset`.
+    pub preset: Option<Preset>,
+    /// `--image-size`.
+    pub image_size: Option<[usize; 2]>,
+    /// `--batch`.
+    pub batch: Option<usize>,
+    /// `--phase2-steps`.
+    pub phase2_steps: Option<u64>,
+    /// `--phase3-steps`.
+    pub phase3_steps: Option<u64>,
+    /// `--recipe`.
+    pub recipe: Option<Recipe>,
+    /// `--focal`.
+    pub focal: Option<FocalKind>,
+    /// `--seed`.
+    pub seed: Option<u64>,
+    /// `--results`.
+    pub results: Option<PathBuf>,
+    /// `--checkpoint-every`.
+    pub checkpoint_every: Option<u64>,
+    /// `--set KEY=VALUE`.
+    pub set: Vec<String>,
+}
+
+/// Resolves the run configuration: defaults, then `--config`, then the flags, then `--set`,
+/// then the cached official discrete weights when nothing else provides them and they fit.
+pub fn resolve_config(o: &TrainOverrides) -> Result<RunConfig> {
+    let mut cfg = match &o.config {
+        Some(path) => RunConfig::from_toml_file(path)?,
+        None => RunConfig::default(),
+    };
+    if let Some(p) = o.preset {
+        cfg.train.model = p.config();
+    }
+    if let Some(d) = &o.data {
+        cfg.data.root = d.clone();
+    }
+    if o.category.is_some() {
+        cfg.data.category = o.category.clone();
+    }
+    if let Some(w) = &o.vq_weights {
+        cfg.vq.weights = Some(w.clone());
+    }
+    if o.pretrain || o.pretrain_steps.is_some() {
+        cfg.vq.pretrain = true;
+    }
+    if let Some(s) = o.pretrain_steps {
+        cfg.pretrain.steps = s;
+    }
+    if let Some(s) = o.image_size {
+        cfg.train.image_size = s;
+        cfg.pretrain.crop = cfg.pretrain.crop.min(s[0]).min(s[1]);
+    }
+    if let Some(b) = o.batch {
+        cfg.train.batch_size = b;
+    }
+    if o.phase2_steps.is_some() || o.phase3_steps.is_some() {
+        match &mut cfg.train.schedule {
+            Schedule::Original {
+                phase2_steps,
+                phase3_steps,
+                ..
+            } => {
+                *phase2_steps = o.phase2_steps.unwrap_or(*phase2_steps);
+                *phase3_steps = o.phase3_steps.unwrap_or(*phase3_steps);
+            }
+            Schedule::Anomalib { .. } => bail!(
+                "--phase2-steps and --phase3-steps apply to the original schedule; the configuration uses anomalib's (set train.schedule.epochs instead)"
+            ),
+        }
+    }
+    if let Some(r) = o.recipe {
+        cfg.train.recipe = r;
+    }
+    if let Some(f) = o.focal {
+        cfg.train.focal = f;
+    }
+    if let Some(s) = o.seed {
+        cfg.train.seed = s;
+        cfg.pretrain.seed = s;
+    }
+    if let Some(r) = &o.results {
+        cfg.output.results = r.clone();
+    }
+    if let Some(n) = o.checkpoint_every {
+        cfg.output.checkpoint_every = n;
+    }
+    let mut cfg = cfg.with_overrides(&o.set)?;
+    // A bare `--set vq.pretrain=true` also counts.
+    if cfg.vq.weights.is_none() && !cfg.vq.pretrain {
+        let fits = discrete_part(&cfg.train.model) == discrete_part(&DsrConfig::default());
+        match dsr_core::cache::cached_vq_weights() {
+            Some(path) if fits => cfg.vq.weights = Some(path),
+            _ => bail!(
+                "no discrete-model weights: run `cargo xtask fetch-weights` once (the official weights, for the reference configuration), pass --vq-weights FILE, or add --pretrain to train phase 1 on the training images"
+            ),
+        }
+    }
+    Ok(cfg)
+}
+
+/// The fields of a configuration that the discrete model depends on.
+fn discrete_part(c: &DsrConfig) -> (usize, usize, usize, usize, usize) {
+    (
+        c.embedding_dim,
+        c.num_embeddings,
+        c.num_hiddens,
+        c.num_residual_layers,
+        c.num_residual_hiddens,
+    )
+}
+
+/// Runs a session with progress, then the test evaluation into the run folder.
+pub fn run_session(session: &Session, device: &Device, test: bool) -> Result<RunOutcome> {
+    let started = Instant::now();
+    println!("run folder: {}", session.dir().path.display());
+    let mut progress = Progress::new();
+    let outcome = session.run(device, &mut |event| match event {
+        SessionEvent::Data { train, val, test } => progress.message(&format!(
+            "data: {train} training, {val} validation, {test} test images"
+        )),
+        SessionEvent::PhaseStart { phase, done, total } => {
+            progress.start_phase(*phase, *done, *total)
+        }
+        SessionEvent::Pretrain(r) => {
+            let mut losses = std::collections::BTreeMap::new();
+            losses.insert("loss".to_string(), r.loss);
+            losses.insert("perplexity".to_string(), r.perplexity_bot);
+            progress.step(&losses);
+        }
+        SessionEvent::Train(r) => progress.step(&r.losses),
+        SessionEvent::Checkpoint { .. } => {}
+        SessionEvent::Resumed { path, step } => progress.message(&format!(
+            "resuming from {} after step {step}",
+            path.display()
+        )),
+        SessionEvent::Finished { model } => {
+            progress.finish();
+            println!("model: {}", model.display());
+        }
+    });
+    progress.finish();
+    let outcome = outcome.with_context(|| {
+        format!(
+            "training in {} stopped (resume with `dsr train --resume {}`)",
+            session.dir().path.display(),
+            session.dir().path.display()
+        )
+    })?;
+    println!("training took {}", human(started.elapsed().as_secs_f64()));
+    if test && !outcome.test.is_empty() {
+        let cfg = session.config();
+        let samples = evaluate::samples_from_entries(&outcome.test, &cfg.data.root)?;
+        evaluate::evaluate_samples(
+            &outcome.model,
+            &cfg.data.root,
+            samples,
+            &session.dir().path,
+            cfg.data.eval_batch,
+        )?;
+    }
+    Ok(outcome)
+}
+
+/// Runs `dsr train`.
+pub fn train(
+    o: &TrainOverrides,
+    resume: Option<&Path>,
+    device: DeviceArg,
+    test: bool,
+) -> Result<()> {
+    let device = device.device()?;
+    let session = match resume {
+        Some(dir) => Session::resume(dir)?,
+        None => Session::create(resolve_config(o)?)?,
+    };
+    run_session(&session, &device, test)?;
+    Ok(())
+}
+
+/// The options of `dsr pretrain`.
+pub struct PretrainArgs {
+    /// Folder of images (searched recursively).
+    pub images: PathBuf,
+    /// The output file.
+    pub out: PathBuf,
+    /// The model configuration.
+    pub preset: Preset,
+    /// Steps.
+    pub steps: u64,
+    /// Crop side.
+    pub crop: usize,
+    /// Side the images are resized to before cropping.
+    pub load_size: usize,
+    /// Images per step.
+    pub batch: usize,
+    /// Seed.
+    pub seed: u64,
+    /// Device.
+    pub device: DeviceArg,
+}
+
+/// Every image under `dir`, recursively, sorted.
+fn images_below(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found = list_images(dir)?;
+    let mut subdirs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the folder {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    subdirs.sort();
+    for sub in subdirs {
+        found.extend(images_below(&sub)?);
+    }
+    Ok(found)
+}
+
+/// Runs `dsr pretrain`.
+pub fn pretrain(a: &PretrainArgs) -> Result<()> {
+    let device = a.device.device()?;
+    if !a.images.is_dir() {
+        bail!("the image folder {} does not exist", a.images.display());
+    }
+    let files = images_below(&a.images)?;
+    if files.is_empty() {
+        bail!("no image files under {}", a.images.display());
+    }
+    let entries: Vec<Entry> = files
+        .into_iter()
+        .map(|path| Entry {
+            path,
+            mask_path: None,
+            label: false,
+            defect_type: "good".into(),
+        })
+        .collect();
+    let load = a.load_size.max(a.crop);
+    println!(
+        "phase 1 on {} images from {} ({load}×{load}, crops {})",
+        entries.len(),
+        a.images.display(),
+        a.crop
+    );
+    let images = load_image_batch(&entries, [load, load])?;
+    let cfg = PretrainConfig {
+        model: a.preset.config(),
+        crop: a.crop,
+        batch_size: a.batch,
+        steps: a.steps,
+        seed: a.seed,
+        ..PretrainConfig::default()
+    };
+    let mut pre = Pretrainer::new(cfg, images, &device)?;
+    let mut progress = Progress::new();
+    progress.start_phase(1, 0, a.steps);
+    let mut last = None;
+    while !pre.is_done() {
+        let r = pre.train_step()?;
+        let mut losses = std::collections::BTreeMap::new();
+        losses.insert("mse".to_string(), r.recon_mse);
+        losses.insert("perplexity".to_string(), r.perplexity_bot);
+        progress.step(&losses);
+        last = Some(r);
+    }
+    progress.finish();
+    if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create the folder {}", parent.display()))?;
+    }
+    pre.save(&a.out)?;
+    if let Some(r) = last {
+        println!(
+            "reconstruction MSE {:.5}; codes used top {} / bottom {}; perplexity top {:.1} / bottom {:.1}",
+            r.recon_mse, r.codes_used_top, r.codes_used_bot, r.perplexity_top, r.perplexity_bot
+        );
+    }
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+/// The options of `dsr demo`.
+pub struct DemoArgs {
+    /// The data (default: the shipped battery_weld images).
+    pub data: Option<PathBuf>,
+    /// The results root.
+    pub results: PathBuf,
+    /// A much shorter schedule (a smoke run).
+    pub quick: bool,
+    /// Device.
+    pub device: DeviceArg,
+}
+
+/// The demo data shipped with the sources.
+pub fn demo_data() -> Option<PathBuf> {
+    let candidates = [
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/demo/battery_weld"),
+        PathBuf::from("assets/demo/battery_weld"),
+    ];
+    candidates.into_iter().find(|p| p.join("train").is_dir())
+}
+
+/// The demo's run configuration.
+pub fn demo_config(data: PathBuf, results: PathBuf, quick: bool) -> RunConfig {
+    let mut cfg = RunConfig::default();
+    cfg.data.root = data;
+    cfg.output.results = results;
+    cfg.vq.pretrain = true;
+    cfg.train.model = small_model();
+    let (size, pre, p2, p3) = if quick {
+        (64, 8, 6, 4)
+    } else {
+        (128, 150, 120, 60)
+    };
+    cfg.train.image_size = [size, size];
+    cfg.train.batch_size = if quick { 2 } else { 8 };
+    cfg.train.schedule = Schedule::Original {
+        phase2_steps: p2,
+        phase3_steps: p3,
+        lr_drop_fraction: 0.8,
+    };
+    cfg.pretrain.model = cfg.train.model;
+    cfg.pretrain.crop = size;
+    cfg.pretrain.steps = pre;
+    cfg.pretrain.batch_size = if quick { 4 } else { 16 };
+    cfg.output.checkpoint_every = if quick { 5 } else { 30 };
+    cfg
+}
+
+/// Runs `dsr demo`.
+pub fn demo(a: &DemoArgs) -> Result<()> {
+    let data = match &a.data {
+        Some(d) => d.clone(),
+        None => demo_data().context(
+            "the demo data (assets/demo/battery_weld) are not here: run from the source tree, or pass --data DIR",
+        )?,
+    };
+    println!(
+        "dsr demo: DSR on {} — phase 1 (codebooks), phase 2 (reconstruction, detection), phase 3 (upsampling), then the test set.",
+        data.display()
+    );
+    let session = Session::create(demo_config(data, a.results.clone(), a.quick))?;
+    let device = a.device.device()?;
+    run_session(&session, &device, true)?;
+    println!(
+        "report: {}",
+        session.dir().path.join("report.html").display()
+    );
+    Ok(())
+}

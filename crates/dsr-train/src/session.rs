@@ -1,0 +1,790 @@
+//! A training run on disk: the run configuration (TOML with `section.key=value` overrides), the
+//! results folder in anomalib's layout, checkpoints every N steps, the `metrics.jsonl` log, and
+//! resumption after an interruption.
+//!
+//! A run folder `<results>/dsr/<dataset>/<category>/vN/` holds:
+//!
+//! | file | written | content |
+//! |---|---|---|
+//! | `config.toml` | at the start | the resolved [`RunConfig`] |
+//! | `metrics.jsonl` | every step | one JSON object per step (phase, step, lr, loss terms, time) |
+//! | `weights/vq.safetensors` | after phase 1 | the pretrained discrete model (when phase 1 ran) |
+//! | `weights/last.safetensors` | every `checkpoint_every` steps and at the end | model, both optimizer states, step, configuration |
+//! | `weights/model.safetensors` | at the end | the model and its post-processor (`dsr.postprocess`), ready for `predict` |
+//!
+//! Every file is written atomically (temporary file, fsync, rename); a run killed at any moment
+//! resumes from `last.safetensors` with [`Session::resume`] and continues exactly as if it had
+//! not stopped (the per-step random streams are seeded by the step number). Phase 1 is not
+//! checkpointed: a run stopped during phase 1 repeats it.
+//!
+//! # Example
+//!
+//! ```
+//! use dsr_train::session::RunConfig;
+//!
+//! let cfg = RunConfig::from_toml_str("[train]\nbatch_size = 4\n[output]\ncheckpoint_every = 10\n")?
+//!     .with_overrides(&["train.seed=7".to_string(), "data.root=\"/data/bottle\"".to_string()])?;
+//! assert_eq!(cfg.train.batch_size, 4);
+//! assert_eq!(cfg.train.seed, 7);
+//! assert_eq!(cfg.output.checkpoint_every, 10);
+//! assert_eq!(cfg.data.root.to_str(), Some("/data/bottle"));
+//! # Ok::<(), dsr_train::train::TrainError>(())
+//! ```
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use dsr_core::weights::{load_checkpoint, save_checkpoint, write_atomic, Checkpoint};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{split_validation, Entry, MvtecDataset, ValSplit};
+use crate::pipeline::{evaluate, load_image_batch, Evaluation};
+use crate::postprocess::METADATA_KEY;
+use crate::pretrain::{PretrainConfig, PretrainReport, Pretrainer};
+use crate::train::{Phase, Result, StepReport, TrainConfig, TrainError, Trainer};
+
+/// The run configuration file inside a run folder.
+pub const CONFIG_FILE: &str = "config.toml";
+/// The per-step log inside a run folder.
+pub const METRICS_LOG: &str = "metrics.jsonl";
+/// The weights folder inside a run folder.
+pub const WEIGHTS_DIR: &str = "weights";
+/// The resumable training checkpoint inside the weights folder.
+pub const LAST_CHECKPOINT: &str = "last.safetensors";
+/// The final model inside the weights folder.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// The phase-1 result inside the weights folder.
+pub const VQ_FILE: &str = "vq.safetensors";
+
+/// Where the data come from and how they are split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSection {
+    /// The data set folder (MVTec AD layout): a category folder, or the root of several.
+    pub root: PathBuf,
+    /// The category sub-folder of `root`, if `root` holds several.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    /// Where the validation set that places the thresholds comes from: `"same_as_test"`
+    /// (anomalib's default for MVTec AD) or `"from_test:F"` (a label-stratified fraction F of the
+    /// test set, removed from it).
+    pub val_split: String,
+    /// Images per inference batch in the validation.
+    pub eval_batch: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::new(),
+            category: None,
+            val_split: "same_as_test".into(),
+            eval_batch: 8,
+        }
+    }
+}
+
+/// Where the discrete latent model (phase 1) comes from.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VqSection {
+    /// A pretrained discrete model (official `.pckl`, our safetensors, anomalib `model.ckpt`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<PathBuf>,
+    /// Without `weights`: run phase 1 on the training images (settings in `[pretrain]`).
+    pub pretrain: bool,
+}
+
+/// Where results go and how often checkpoints are written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputSection {
+    /// The results root; runs go to `<results>/dsr/<dataset>/<category>/vN/`.
+    pub results: PathBuf,
+    /// Write `weights/last.safetensors` every this many phase-2/3 steps (and at the end).
+    pub checkpoint_every: u64,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        Self {
+            results: PathBuf::from("results"),
+            checkpoint_every: 100,
+        }
+    }
+}
+
+/// Everything that defines a training run; the `config.toml` of a run folder.
+///
+/// `[train.model]` is the model; `[pretrain]` takes it over (its own `model` is ignored).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// The data set.
+    pub data: DataSection,
+    /// The discrete latent model.
+    pub vq: VqSection,
+    /// Phase 1 (used when `vq.pretrain` is set and `vq.weights` is absent).
+    pub pretrain: PretrainConfig,
+    /// Phases 2 and 3.
+    pub train: TrainConfig,
+    /// Results and checkpoints.
+    pub output: OutputSection,
+}
+
+fn config_error(message: impl Into<String>) -> TrainError {
+    TrainError::Config(message.into())
+}
+
+impl RunConfig {
+    /// Parses a TOML run configuration; missing keys take their defaults, unknown keys are an
+    /// error.
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        let cfg: RunConfig = toml::from_str(text).map_err(|e| config_error(e.to_string()))?;
+        Ok(cfg.synced())
+    }
+
+    /// Reads a TOML run configuration file.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::Checkpoint {
+            path: path.display().to_string(),
+            message: format!("cannot read the run configuration: {e}"),
+        })?;
+        Self::from_toml_str(&text).map_err(|e| TrainError::Checkpoint {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The configuration as TOML.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| config_error(e.to_string()))
+    }
+
+    /// Applies `section.key=value` overrides (TOML values; a bare word is taken as a string),
+    /// e.g. `train.batch_size=4`, `train.schedule.phase2_steps=500`, `data.category="bottle"`.
+    pub fn with_overrides(&self, overrides: &[String]) -> Result<Self> {
+        if overrides.is_empty() {
+            return Ok(self.clone());
+        }
+        let mut root = toml::Value::try_from(self).map_err(|e| config_error(e.to_string()))?;
+        for item in overrides {
+            let (key, raw) = item.split_once('=').ok_or_else(|| {
+                config_error(format!(
+                    "override '{item}' is not of the form section.key=value"
+                ))
+            })?;
+            let value = parse_toml_value(raw.trim());
+            let path: Vec<&str> = key.trim().split('.').collect();
+            let mut node = &mut root;
+            for (i, part) in path.iter().enumerate() {
+                let table = node.as_table_mut().ok_or_else(|| {
+                    config_error(format!(
+                        "override '{item}': '{}' is not a section",
+                        path[..i].join(".")
+                    ))
+                })?;
+                if i + 1 == path.len() {
+                    table.insert(part.to_string(), value.clone());
+                    break;
+                }
+                node = table
+                    .entry(part.to_string())
+                    .or_insert_with(|| toml::Value::Table(Default::default()));
+            }
+        }
+        let cfg: RunConfig = root
+            .try_into()
+            .map_err(|e: toml::de::Error| config_error(format!("after the overrides: {e}")))?;
+        Ok(cfg.synced())
+    }
+
+    /// Copies the model and seed of `[train]` into `[pretrain]`.
+    fn synced(mut self) -> Self {
+        self.pretrain.model = self.train.model;
+        self
+    }
+
+    /// Checks what can be checked before any data are read.
+    pub fn validate(&self) -> Result<()> {
+        self.train.model.validate()?;
+        dsr_core::config::validate_image_size(self.train.image_size[0], self.train.image_size[1])?;
+        if self.data.root.as_os_str().is_empty() {
+            return Err(config_error("no data folder: set data.root (--data)"));
+        }
+        if self.output.checkpoint_every == 0 {
+            return Err(config_error("output.checkpoint_every must be at least 1"));
+        }
+        if self.data.eval_batch == 0 {
+            return Err(config_error("data.eval_batch must be at least 1"));
+        }
+        parse_val_split(&self.data.val_split, self.train.seed)?;
+        Ok(())
+    }
+}
+
+/// Parses a TOML value; text that is not one is taken as a string.
+fn parse_toml_value(raw: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+/// Parses `data.val_split`.
+pub fn parse_val_split(text: &str, seed: u64) -> Result<ValSplit> {
+    match text.split_once(':') {
+        None if text == "same_as_test" => Ok(ValSplit::SameAsTest),
+        Some(("from_test", f)) => {
+            let fraction: f64 = f.parse().map_err(|_| {
+                config_error(format!("data.val_split '{text}': '{f}' is not a number"))
+            })?;
+            if !(fraction > 0.0 && fraction < 1.0) {
+                return Err(config_error(format!(
+                    "data.val_split '{text}': the fraction must lie strictly between 0 and 1"
+                )));
+            }
+            Ok(ValSplit::FromTest { fraction, seed })
+        }
+        _ => Err(config_error(format!(
+            "data.val_split '{text}' is not one of \"same_as_test\", \"from_test:F\" (a normal-only \
+             split of the training set cannot place an F1 threshold)"
+        ))),
+    }
+}
+
+/// The `(dataset, category)` names of a data folder for the results layout: `root/category`,
+/// or for a category folder given directly, its parent's name and its own.
+pub fn dataset_and_category(root: &Path, category: Option<&str>) -> (String, String) {
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "data".into())
+    };
+    let abs = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    match category {
+        Some(c) if abs.join(c).join("train").is_dir() => (name(&abs), c.to_string()),
+        _ => (
+            abs.parent().map(name).unwrap_or_else(|| "data".into()),
+            name(&abs),
+        ),
+    }
+}
+
+/// A run folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunDir {
+    /// The folder, `<results>/dsr/<dataset>/<category>/vN/`.
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates the next free `vN` folder (from `v0`) under `<results>/dsr/<dataset>/<category>/`.
+    pub fn create_next(results: &Path, dataset: &str, category: &str) -> Result<Self> {
+        let parent = results.join("dsr").join(dataset).join(category);
+        std::fs::create_dir_all(&parent).map_err(|e| io_error(&parent, e))?;
+        for n in 0.. {
+            let path = parent.join(format!("v{n}"));
+            // create_dir (not _all) fails if another run took the number meanwhile.
+            match std::fs::create_dir(&path) {
+                Ok(()) => {
+                    let dir = RunDir { path };
+                    std::fs::create_dir_all(dir.weights_dir())
+                        .map_err(|e| io_error(&dir.weights_dir(), e))?;
+                    return Ok(dir);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_error(&path, e)),
+            }
+        }
+        unreachable!("an unbounded range always yields a free number")
+    }
+
+    /// An existing run folder (it must hold `config.toml`).
+    pub fn open(path: &Path) -> Result<Self> {
+        let dir = RunDir {
+            path: path.to_path_buf(),
+        };
+        if !dir.config_path().is_file() {
+            return Err(TrainError::Checkpoint {
+                path: path.display().to_string(),
+                message: format!("not a run folder (no {CONFIG_FILE})"),
+            });
+        }
+        Ok(dir)
+    }
+
+    /// `config.toml`.
+    pub fn config_path(&self) -> PathBuf {
+        self.path.join(CONFIG_FILE)
+    }
+    /// `metrics.jsonl`.
+    pub fn metrics_log_path(&self) -> PathBuf {
+        self.path.join(METRICS_LOG)
+    }
+    /// `weights/`.
+    pub fn weights_dir(&self) -> PathBuf {
+        self.path.join(WEIGHTS_DIR)
+    }
+    /// `weights/last.safetensors`.
+    pub fn last_checkpoint(&self) -> PathBuf {
+        self.weights_dir().join(LAST_CHECKPOINT)
+    }
+    /// `weights/model.safetensors`.
+    pub fn model_path(&self) -> PathBuf {
+        self.weights_dir().join(MODEL_FILE)
+    }
+    /// `weights/vq.safetensors`.
+    pub fn vq_path(&self) -> PathBuf {
+        self.weights_dir().join(VQ_FILE)
+    }
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> TrainError {
+    TrainError::Checkpoint {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// What happened during a session, for progress display.
+#[derive(Debug, Clone)]
+pub enum SessionEvent {
+    /// The data were listed and split.
+    Data {
+        /// Training images.
+        train: usize,
+        /// Validation images.
+        val: usize,
+        /// Test images.
+        test: usize,
+    },
+    /// A phase begins (or continues after a resume at step `done`).
+    PhaseStart {
+        /// 1, 2 or 3.
+        phase: u8,
+        /// Steps already taken in this phase.
+        done: u64,
+        /// Steps of this phase.
+        total: u64,
+    },
+    /// A phase-1 step.
+    Pretrain(PretrainReport),
+    /// A phase-2/3 step.
+    Train(StepReport),
+    /// A checkpoint was written.
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// Steps taken.
+        step: u64,
+    },
+    /// The run resumed from a checkpoint.
+    Resumed {
+        /// The checkpoint.
+        path: PathBuf,
+        /// Steps already taken.
+        step: u64,
+    },
+    /// The validation finished and the final model was written.
+    Finished {
+        /// `weights/model.safetensors`.
+        model: PathBuf,
+    },
+}
+
+/// The result of [`Session::run`].
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// `weights/model.safetensors`, with its post-processor.
+    pub model: PathBuf,
+    /// The evaluation on the validation set (which fitted the post-processor).
+    pub validation: Evaluation,
+    /// The test entries (for the test evaluation that follows).
+    pub test: Vec<Entry>,
+}
+
+/// One training run in its run folder.
+#[derive(Debug, Clone)]
+pub struct Session {
+    cfg: RunConfig,
+    dir: RunDir,
+}
+
+impl Session {
+    /// Starts a new run: validates `cfg`, creates the next `vN` folder and writes `config.toml`.
+    pub fn create(cfg: RunConfig) -> Result<Self> {
+        cfg.validate()?;
+        let (dataset, category) =
+            dataset_and_category(&cfg.data.root, cfg.data.category.as_deref());
+        let dir = RunDir::create_next(&cfg.output.results, &dataset, &category)?;
+        write_atomic(&dir.config_path(), cfg.to_toml()?.as_bytes())?;
+        Ok(Self { cfg, dir })
+    }
+
+    /// Reopens the run in `path` (its `config.toml`) to continue it.
+    pub fn resume(path: &Path) -> Result<Self> {
+        let dir = RunDir::open(path)?;
+        let cfg = RunConfig::from_toml_file(&dir.config_path())?;
+        cfg.validate()?;
+        Ok(Self { cfg, dir })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RunConfig {
+        &self.cfg
+    }
+
+    /// The run folder.
+    pub fn dir(&self) -> &RunDir {
+        &self.dir
+    }
+
+    /// Runs (or continues) phases 1–3, then validates and writes `weights/model.safetensors`.
+    pub fn run(
+        &self,
+        device: &Device,
+        on_event: &mut dyn FnMut(&SessionEvent),
+    ) -> Result<RunOutcome> {
+        let cfg = &self.cfg;
+        let size = cfg.train.image_size;
+        let data = MvtecDataset::open(&cfg.data.root, cfg.data.category.as_deref())
+            .map_err(|e| config_error(e.to_string()))?;
+        let splits = split_validation(
+            &data.listing,
+            parse_val_split(&cfg.data.val_split, cfg.train.seed)?,
+        )
+        .map_err(|e| config_error(e.to_string()))?;
+        on_event(&SessionEvent::Data {
+            train: splits.train.len(),
+            val: splits.val.len(),
+            test: splits.test.len(),
+        });
+        let images = load_image_batch(&splits.train, size)?;
+        let start = Instant::now();
+
+        let last = self.dir.last_checkpoint();
+        let mut trainer = if last.is_file() {
+            let trainer = Trainer::resume(&last, images, device)?;
+            if trainer.config() != &cfg.train {
+                return Err(TrainError::Checkpoint {
+                    path: last.display().to_string(),
+                    message: format!(
+                        "written with another training configuration than {}",
+                        self.dir.config_path().display()
+                    ),
+                });
+            }
+            on_event(&SessionEvent::Resumed {
+                path: last.clone(),
+                step: trainer.step(),
+            });
+            trainer
+        } else {
+            let discrete = self.discrete(&splits.train, device, start, on_event)?;
+            Trainer::new(cfg.train.clone(), &discrete, images, device)?
+        };
+        let mut log = MetricsLog::open(&self.dir.metrics_log_path(), Some(trainer.step()))?;
+
+        let plan = *trainer.plan();
+        let mut phase = None;
+        while !trainer.is_done() {
+            let step = trainer.step();
+            if phase != Some(trainer.phase()) {
+                phase = Some(trainer.phase());
+                let (number, done, total) = match trainer.phase() {
+                    Phase::Phase2 => (2, step, plan.phase2_steps),
+                    Phase::Phase3 => (3, step - plan.phase2_steps, plan.phase3_steps),
+                };
+                on_event(&SessionEvent::PhaseStart {
+                    phase: number,
+                    done,
+                    total,
+                });
+            }
+            let report = trainer.train_step()?;
+            log.append(&serde_json::json!({
+                "phase": report.phase,
+                "step": report.step,
+                "lr": report.lr,
+                "losses": report.losses,
+                "elapsed_s": start.elapsed().as_secs_f64(),
+            }))?;
+            on_event(&SessionEvent::Train(report));
+            if trainer.step() % cfg.output.checkpoint_every == 0 || trainer.is_done() {
+                trainer.save(&last)?;
+                on_event(&SessionEvent::Checkpoint {
+                    path: last.clone(),
+                    step: trainer.step(),
+                });
+            }
+        }
+
+        let validation = evaluate(
+            trainer.model(),
+            &splits.val,
+            size,
+            cfg.data.eval_batch,
+            device,
+        )?;
+        let mut extra = BTreeMap::new();
+        extra.insert(
+            METADATA_KEY.to_string(),
+            validation
+                .postprocess
+                .to_json()
+                .map_err(|e| config_error(e.to_string()))?,
+        );
+        extra.insert("dsr.train_steps".into(), trainer.step().to_string());
+        extra.insert(
+            "dsr.run".into(),
+            serde_json::json!({
+                "data": cfg.data.root.display().to_string(),
+                "category": cfg.data.category,
+                "val_split": cfg.data.val_split,
+                "recipe": cfg.train.recipe.to_string(),
+                "seed": cfg.train.seed,
+            })
+            .to_string(),
+        );
+        let model = self.dir.model_path();
+        save_checkpoint(
+            &model,
+            &trainer.model_tensors(),
+            &cfg.train.model,
+            Some(size),
+            &extra,
+        )?;
+        on_event(&SessionEvent::Finished {
+            model: model.clone(),
+        });
+        Ok(RunOutcome {
+            model,
+            validation,
+            test: splits.test,
+        })
+    }
+
+    /// The discrete model: given weights, the phase-1 result of an earlier attempt, or phase 1.
+    fn discrete(
+        &self,
+        train: &[Entry],
+        device: &Device,
+        start: Instant,
+        on_event: &mut dyn FnMut(&SessionEvent),
+    ) -> Result<Checkpoint> {
+        let cfg = &self.cfg;
+        if let Some(path) = &cfg.vq.weights {
+            return Ok(load_checkpoint(path)?);
+        }
+        let vq = self.dir.vq_path();
+        if vq.is_file() {
+            return Ok(load_checkpoint(&vq)?);
+        }
+        if !cfg.vq.pretrain {
+            return Err(config_error(
+                "no discrete-model weights: pass --vq-weights FILE, run `cargo xtask \
+                 fetch-weights` for the official ones, or pretrain phase 1 on the training \
+                 images (--pretrain)",
+            ));
+        }
+        let size = cfg.train.image_size;
+        let crop = cfg.pretrain.crop;
+        let images = load_image_batch(train, [crop.max(size[0]), crop.max(size[1])])?;
+        let mut pre = Pretrainer::new(cfg.pretrain.clone(), images, device)?;
+        // Phase 1 restarts from zero after an interruption: drop its old log lines.
+        let mut log = MetricsLog::open(&self.dir.metrics_log_path(), None)?;
+        on_event(&SessionEvent::PhaseStart {
+            phase: 1,
+            done: 0,
+            total: cfg.pretrain.steps,
+        });
+        while !pre.is_done() {
+            let report = pre.train_step()?;
+            let mut line =
+                serde_json::to_value(&report).map_err(|e| config_error(e.to_string()))?;
+            if let Some(obj) = line.as_object_mut() {
+                obj.insert("phase".into(), "phase1".into());
+                obj.insert("elapsed_s".into(), start.elapsed().as_secs_f64().into());
+            }
+            log.append(&line)?;
+            on_event(&SessionEvent::Pretrain(report));
+        }
+        pre.save(&vq)?;
+        on_event(&SessionEvent::Checkpoint {
+            path: vq.clone(),
+            step: cfg.pretrain.steps,
+        });
+        Ok(load_checkpoint(&vq)?)
+    }
+}
+
+/// The append-only `metrics.jsonl`.
+struct MetricsLog {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsLog {
+    /// Opens the log for appending, first dropping the lines a resumed run will write again
+    /// and a half-written last line: with `Some(n)`, the phase-2/3 lines of steps `>= n`
+    /// (phase-1 lines stay); with `None` (phase 1 starts over), every line.
+    fn open(path: &Path, keep_before: Option<u64>) -> Result<Self> {
+        if path.is_file() {
+            let text = std::fs::read_to_string(path).map_err(|e| io_error(path, e))?;
+            let mut kept = String::new();
+            for line in text.lines() {
+                let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
+                let step = value.get("step").and_then(|s| s.as_u64()).unwrap_or(0);
+                let phase1 = value.get("phase").and_then(|p| p.as_str()) == Some("phase1");
+                let keep = match keep_before {
+                    None => false,
+                    Some(n) => phase1 || step < n,
+                };
+                if keep {
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+            }
+            if kept.len() != text.len() {
+                write_atomic(path, kept.as_bytes())?;
+            }
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| io_error(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    /// Appends one line (flushed; a crash loses at most the line being written).
+    fn append(&mut self, value: &serde_json::Value) -> Result<()> {
+        let mut line = value.to_string();
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|e| io_error(&self.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_toml_round_trips_and_overrides_reach_nested_fields() {
+        let cfg = RunConfig::default()
+            .with_overrides(&[
+                "train.schedule.phase2_steps=12".into(),
+                "train.adam.lr=1e-3".into(),
+                "train.recipe=anomalib".into(),
+                "data.category=bottle".into(),
+                "train.model.embedding_dim=16".into(),
+            ])
+            .unwrap();
+        match cfg.train.schedule {
+            crate::train::Schedule::Original { phase2_steps, .. } => assert_eq!(phase2_steps, 12),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(cfg.train.adam.lr, 1e-3);
+        assert_eq!(cfg.train.recipe, dsr_augment::Recipe::Anomalib);
+        assert_eq!(cfg.data.category.as_deref(), Some("bottle"));
+        // [pretrain] follows the model of [train].
+        assert_eq!(cfg.pretrain.model.embedding_dim, 16);
+        let back = RunConfig::from_toml_str(&cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let e = RunConfig::from_toml_str("[train]\nbatch_sise = 4\n").unwrap_err();
+        assert!(e.to_string().contains("batch_sise"), "{e}");
+        let e = RunConfig::default()
+            .with_overrides(&["train.batch_size=lots".into()])
+            .unwrap_err();
+        assert!(e.to_string().contains("batch_size"), "{e}");
+        let e = RunConfig::default()
+            .with_overrides(&["train.seed".into()])
+            .unwrap_err();
+        assert!(e.to_string().contains("section.key=value"), "{e}");
+        for bad in ["from_train:0.2", "from_test:1.5", "half"] {
+            assert!(parse_val_split(bad, 0).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_val_split("from_test:0.5", 3).unwrap(),
+            ValSplit::FromTest {
+                fraction: 0.5,
+                seed: 3
+            }
+        );
+        let mut cfg = RunConfig::default();
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("data.root"));
+        cfg.data.root = "x".into();
+        cfg.output.checkpoint_every = 0;
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("checkpoint_every"));
+    }
+
+    #[test]
+    fn the_log_drops_lines_a_resumed_run_rewrites_and_half_written_ones() {
+        let dir = std::env::temp_dir().join(format!("dsr-session-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(METRICS_LOG);
+        let text = "{\"phase\":\"phase1\",\"step\":0}\n{\"phase\":\"phase1\",\"step\":1}\n\
+                    {\"phase\":\"phase2\",\"step\":0}\n{\"phase\":\"phase2\",\"step\":1}\n\
+                    {\"phase\":\"phase2\",\"step\":2}\n{\"phase\":\"pha";
+        std::fs::write(&path, text).unwrap();
+        let mut log = MetricsLog::open(&path, Some(1)).unwrap();
+        log.append(&serde_json::json!({"phase": "phase2", "step": 1}))
+            .unwrap();
+        drop(log);
+        let kept = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            kept,
+            "{\"phase\":\"phase1\",\"step\":0}\n{\"phase\":\"phase1\",\"step\":1}\n\
+             {\"phase\":\"phase2\",\"step\":0}\n{\"phase\":\"phase2\",\"step\":1}\n"
+        );
+        MetricsLog::open(&path, None).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn run_folders_count_up_and_names_follow_the_data_folder() {
+        let dir = std::env::temp_dir().join(format!("dsr-session-dirs-{}", std::process::id()));
+        let a = RunDir::create_next(&dir, "mvtec", "bottle").unwrap();
+        let b = RunDir::create_next(&dir, "mvtec", "bottle").unwrap();
+        assert!(a.path.ends_with("dsr/mvtec/bottle/v0"));
+        assert!(b.path.ends_with("dsr/mvtec/bottle/v1"));
+        assert!(b.weights_dir().is_dir());
+        assert!(RunDir::open(&a.path).is_err(), "no config.toml yet");
+        let data = dir.join("mvtec");
+        std::fs::create_dir_all(data.join("bottle/train")).unwrap();
+        assert_eq!(
+            dataset_and_category(&data, Some("bottle")),
+            ("mvtec".to_string(), "bottle".to_string())
+        );
+        assert_eq!(
+            dataset_and_category(&data.join("bottle"), None),
+            ("mvtec".to_string(), "bottle".to_string())
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
