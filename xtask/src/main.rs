@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 mod fetch;
+mod report_check;
 
 const TASKS: &str = "tasks:
   ci             run what CI runs: cargo fmt --check, clippy -D warnings, cargo test --workspace
   fetch-weights  download (checksummed, resumable) and convert the pretrained discrete model
+  report-check   open a `dsr test` report.html in headless Chromium: REPORT [--screenshot OUT.png]
 ";
 
 const FETCH_USAGE: &str = "usage: cargo xtask fetch-weights [--from FILE] [--force]
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
     match task.as_deref() {
         Some("ci") => run_ci(),
         Some("fetch-weights") => run_fetch_weights(std::env::args().skip(2).collect()),
+        Some("report-check") => run_report_check(std::env::args().skip(2).collect()),
         None => {
             print!("{TASKS}");
             ExitCode::SUCCESS
@@ -122,6 +125,35 @@ fn run_fetch_weights(args: Vec<String>) -> ExitCode {
                     report.weights.display()
                 ),
             }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_report_check(args: Vec<String>) -> ExitCode {
+    let usage = "usage: cargo xtask report-check REPORT.html [--screenshot OUT.png]";
+    let (report, shot) = match args.as_slice() {
+        [r] => (PathBuf::from(r), PathBuf::from("report.png")),
+        [r, flag, s] if flag == "--screenshot" => (PathBuf::from(r), PathBuf::from(s)),
+        _ => {
+            eprintln!("{usage}");
+            return ExitCode::from(2);
+        }
+    };
+    match report_check::check(&report, &shot) {
+        Ok(r) => {
+            println!(
+                "{}: rendered without console messages; {} <svg> curves, {} inline PNG images; screenshot {} ({} bytes)",
+                report.display(),
+                r.svgs,
+                r.images,
+                r.screenshot.display(),
+                r.screenshot_bytes
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

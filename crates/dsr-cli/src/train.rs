@@ -248,7 +248,16 @@ pub fn train(
     resume: Option<&Path>,
     device: DeviceArg,
     test: bool,
+    print_config: bool,
 ) -> Result<()> {
+    if print_config {
+        let cfg = match resume {
+            Some(dir) => Session::resume(dir)?.config().clone(),
+            None => resolve_config(o)?,
+        };
+        print!("{}", cfg.to_toml()?);
+        return Ok(());
+    }
     let device = device.device()?;
     let session = match resume {
         Some(dir) => Session::resume(dir)?,
@@ -376,7 +385,10 @@ pub fn demo_data() -> Option<PathBuf> {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/demo/battery_weld"),
         PathBuf::from("assets/demo/battery_weld"),
     ];
-    candidates.into_iter().find(|p| p.join("train").is_dir())
+    candidates
+        .into_iter()
+        .find(|p| p.join("train").is_dir())
+        .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
 }
 
 /// The demo's run configuration.
