@@ -11,6 +11,7 @@
 //! | `weights/vq.safetensors` | after phase 1 | the pretrained discrete model (when phase 1 ran) |
 //! | `weights/last.safetensors` | every `checkpoint_every` steps and at the end | model, both optimizer states, step, configuration |
 //! | `weights/model.safetensors` | at the end | the model and its post-processor (`dsr.postprocess`), ready for `predict` |
+//! | `validation.json` | at the end | metrics on the validation set that placed the thresholds |
 //!
 //! Every file is written atomically (temporary file, fsync, rename); a run killed at any moment
 //! resumes from `last.safetensors` with [`Session::resume`] and continues exactly as if it had
@@ -57,6 +58,8 @@ pub const WEIGHTS_DIR: &str = "weights";
 pub const LAST_CHECKPOINT: &str = "last.safetensors";
 /// The final model inside the weights folder.
 pub const MODEL_FILE: &str = "model.safetensors";
+/// The metrics on the validation set (which placed the thresholds) inside a run folder.
+pub const VALIDATION_FILE: &str = "validation.json";
 /// The phase-1 result inside the weights folder.
 pub const VQ_FILE: &str = "vq.safetensors";
 
@@ -169,7 +172,7 @@ impl RunConfig {
     /// e.g. `train.batch_size=4`, `train.schedule.phase2_steps=500`, `data.category="bottle"`.
     pub fn with_overrides(&self, overrides: &[String]) -> Result<Self> {
         if overrides.is_empty() {
-            return Ok(self.clone());
+            return Ok(self.clone().synced());
         }
         let mut root = toml::Value::try_from(self).map_err(|e| config_error(e.to_string()))?;
         for item in overrides {
@@ -211,6 +214,12 @@ impl RunConfig {
 
     /// Checks what can be checked before any data are read.
     pub fn validate(&self) -> Result<()> {
+        if self.pretrain.model != self.train.model {
+            return Err(config_error(
+                "pretrain.model differs from train.model (phase 1 trains the discrete part of \
+                 train.model; leave pretrain.model out)",
+            ));
+        }
         self.train.model.validate()?;
         dsr_core::config::validate_image_size(self.train.image_size[0], self.train.image_size[1])?;
         if self.data.root.as_os_str().is_empty() {
@@ -551,6 +560,20 @@ impl Session {
             })
             .to_string(),
         );
+        let summary = serde_json::json!({
+            "val_split": cfg.data.val_split,
+            "num_images": validation.scores.len(),
+            "num_defective": validation.labels.iter().filter(|&&l| l).count(),
+            "metrics": validation.metrics,
+            "postprocess": validation.postprocess,
+            "inference_seconds": validation.inference_seconds,
+        });
+        write_atomic(
+            &self.dir.path.join(VALIDATION_FILE),
+            serde_json::to_string_pretty(&summary)
+                .map_err(|e| config_error(e.to_string()))?
+                .as_bytes(),
+        )?;
         let model = self.dir.model_path();
         save_checkpoint(
             &model,
@@ -595,7 +618,11 @@ impl Session {
         let size = cfg.train.image_size;
         let crop = cfg.pretrain.crop;
         let images = load_image_batch(train, [crop.max(size[0]), crop.max(size[1])])?;
-        let mut pre = Pretrainer::new(cfg.pretrain.clone(), images, device)?;
+        let pre_cfg = PretrainConfig {
+            model: cfg.train.model,
+            ..cfg.pretrain.clone()
+        };
+        let mut pre = Pretrainer::new(pre_cfg, images, device)?;
         // Phase 1 restarts from zero after an interruption: drop its old log lines.
         let mut log = MetricsLog::open(&self.dir.metrics_log_path(), None)?;
         on_event(&SessionEvent::PhaseStart {
@@ -703,6 +730,20 @@ mod tests {
         assert_eq!(cfg.pretrain.model.embedding_dim, 16);
         let back = RunConfig::from_toml_str(&cfg.to_toml().unwrap()).unwrap();
         assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn phase_1_always_trains_the_model_of_train() {
+        let mut cfg = RunConfig::default();
+        cfg.train.model = dsr_core::DsrConfig::tiny();
+        let synced = cfg.with_overrides(&[]).unwrap();
+        assert_eq!(synced.pretrain.model, dsr_core::DsrConfig::tiny());
+        cfg.data.root = "x".into();
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("pretrain.model"));
     }
 
     #[test]
