@@ -92,6 +92,32 @@ impl DsrConfig {
                 return Err(Error::Config(format!("{name} must be at least 1, got 0")));
             }
         }
+        // Upper bounds far above any useful model, so that a corrupt configuration (read from a
+        // file's metadata) is refused before shapes are computed or memory is reserved.
+        let at_most = [
+            ("embedding_dim", self.embedding_dim, 4096),
+            ("num_embeddings", self.num_embeddings, 1 << 20),
+            ("num_hiddens", self.num_hiddens, 4096),
+            ("num_residual_layers", self.num_residual_layers, 64),
+            ("num_residual_hiddens", self.num_residual_hiddens, 4096),
+            (
+                "anomaly_detection_module_base_width",
+                self.anomaly_detection_module_base_width,
+                1024,
+            ),
+            (
+                "upsampling_module_base_width",
+                self.upsampling_module_base_width,
+                1024,
+            ),
+        ];
+        for (name, value, max) in at_most {
+            if value > max {
+                return Err(Error::Config(format!(
+                    "{name} must be at most {max}, got {value}"
+                )));
+            }
+        }
         if self.num_hiddens % 2 != 0 {
             return Err(Error::Config(format!(
                 "num_hiddens must be even (the first encoder and the last decoder layers use num_hiddens/2 channels), got {}",
@@ -120,14 +146,23 @@ impl DsrConfig {
     }
 }
 
+/// The largest image side [`validate_image_size`] accepts (far above what fits in memory for
+/// DSR's feature maps; the bound keeps corrupt sizes from reserving memory).
+pub const MAX_IMAGE_SIDE: usize = 8192;
+
 /// Checks that a `height`×`width` input can flow through DSR: both sides must be multiples of 32
-/// (three stride-2 encoder stages, then two 2×2 poolings in the coarse subspace module) and at
-/// least 64.
+/// (three stride-2 encoder stages, then two 2×2 poolings in the coarse subspace module), at
+/// least 64 and at most [`MAX_IMAGE_SIDE`].
 pub fn validate_image_size(height: usize, width: usize) -> Result<()> {
     for (name, side) in [("height", height), ("width", width)] {
         if side < 64 || side % 32 != 0 {
             return Err(Error::Input(format!(
                 "image {name} {side} is not supported: DSR needs sides that are multiples of 32 and at least 64 (for example 64, 128, 224, 256); got {height}×{width}"
+            )));
+        }
+        if side > MAX_IMAGE_SIDE {
+            return Err(Error::Input(format!(
+                "image {name} {side} is not supported: sides of at most {MAX_IMAGE_SIDE} are accepted; got {height}×{width}"
             )));
         }
     }

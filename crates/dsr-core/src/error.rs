@@ -35,6 +35,27 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A file could not be written (for example because the disk is full). Files are written
+    /// through a temporary file and a rename, so the previous file at that path, if any, is
+    /// unchanged.
+    #[error(
+        "cannot write {}: {source}; {}",
+        path.display(),
+        if *previous_kept {
+            "the previous version of this file is intact"
+        } else {
+            "no file was written there"
+        }
+    )]
+    Write {
+        /// The file that was being written.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+        /// Whether a previous file is still at `path` (unchanged).
+        previous_kept: bool,
+    },
+
     /// The source of phase-2 randomness could not deliver a draw (for example a recorded tape
     /// ran out or holds a draw of another kind).
     #[error("phase-2 randomness: {0}")]

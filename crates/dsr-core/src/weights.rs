@@ -270,15 +270,71 @@ fn read_up_to(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize
 
 const LEGACY_HINT: &str = "this is the legacy (non-zip) PyTorch format, which is not supported; re-save it in PyTorch with `torch.save(torch.load(path), path)` (PyTorch ≥ 1.6 writes the zip format by default)";
 
+/// The largest safetensors header accepted (the safetensors crate's own limit): 100 MB of JSON.
+pub const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
 /// Reads a safetensors file with its metadata.
+///
+/// The 8-byte header length is checked against the file size (and against
+/// [`MAX_SAFETENSORS_HEADER`]) before anything else is read, so a corrupt or hostile length
+/// never leads to a large allocation; the tensors' offsets and sizes are then checked against the
+/// data by the safetensors crate before any tensor is built.
 pub fn load_safetensors(path: &Path) -> Result<Checkpoint> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+    let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut head = [0u8; 8];
+    let n = read_up_to(&mut file, &mut head).map_err(io)?;
+    check_safetensors_header(path, &head[..n], len)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    bytes.extend_from_slice(&head[..n]);
+    file.read_to_end(&mut bytes).map_err(io)?;
+    safetensors_from_bytes(path, &bytes)
+}
+
+/// Checks the first 8 bytes of a safetensors file (the little-endian length of its JSON header)
+/// against the file's length `len`.
+fn check_safetensors_header(path: &Path, head: &[u8], len: u64) -> Result<()> {
+    let Ok(head) = <[u8; 8]>::try_from(head) else {
+        return Err(Error::weights(
+            path,
+            format!(
+                "not a valid safetensors file: it has {len} bytes, fewer than the 8 of the header length"
+            ),
+        ));
+    };
+    let header_len = u64::from_le_bytes(head);
+    if header_len > len - 8 {
+        return Err(Error::weights(
+            path,
+            format!(
+                "not a valid safetensors file: its header length field says {header_len} bytes but only {} follow (truncated, or not a safetensors file)",
+                len - 8
+            ),
+        ));
+    }
+    if header_len > MAX_SAFETENSORS_HEADER {
+        return Err(Error::weights(
+            path,
+            format!(
+                "not a valid safetensors file: a header of {header_len} bytes is larger than the {MAX_SAFETENSORS_HEADER} accepted"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a safetensors file already in memory; `path` names it in messages. The same checks as
+/// [`load_safetensors`] apply: the header, every tensor's offsets, shape and dtype, and the
+/// metadata this program understands ([`META_CONFIG`], [`META_IMAGE_SIZE`]).
+pub fn safetensors_from_bytes(path: &Path, bytes: &[u8]) -> Result<Checkpoint> {
+    check_safetensors_header(path, bytes.get(..8).unwrap_or(bytes), bytes.len() as u64)?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| Error::weights(path, format!("not a valid safetensors file: {e}")))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| Error::weights(path, format!("not a valid safetensors file: {e}")))?;
     let mut tensors = HashMap::new();
     for (name, view) in st.tensors() {
@@ -291,24 +347,7 @@ pub fn load_safetensors(path: &Path) -> Result<Checkpoint> {
         .as_ref()
         .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
         .unwrap_or_default();
-    let config = match metadata.get(META_CONFIG) {
-        Some(json) => Some(serde_json::from_str::<DsrConfig>(json).map_err(|e| {
-            Error::weights(
-                path,
-                format!("metadata '{META_CONFIG}' is not a valid configuration: {e}"),
-            )
-        })?),
-        None => None,
-    };
-    let image_size = match metadata.get(META_IMAGE_SIZE) {
-        Some(json) => Some(serde_json::from_str::<[usize; 2]>(json).map_err(|e| {
-            Error::weights(
-                path,
-                format!("metadata '{META_IMAGE_SIZE}' must be [H, W]: {e}"),
-            )
-        })?),
-        None => None,
-    };
+    let (config, image_size) = parse_metadata(path, &metadata)?;
     Ok(Checkpoint {
         path: path.to_path_buf(),
         tensors,
@@ -316,6 +355,52 @@ pub fn load_safetensors(path: &Path) -> Result<Checkpoint> {
         image_size,
         metadata,
     })
+}
+
+/// Reads the configuration ([`META_CONFIG`]) and the image size ([`META_IMAGE_SIZE`]) from a
+/// checkpoint's metadata, when present; both must be usable (every field of the configuration
+/// in range, an image size the network takes), else the error names the entry and the problem.
+pub fn parse_metadata(
+    path: &Path,
+    metadata: &BTreeMap<String, String>,
+) -> Result<(Option<DsrConfig>, Option<[usize; 2]>)> {
+    let config = match metadata.get(META_CONFIG) {
+        Some(json) => {
+            let cfg = serde_json::from_str::<DsrConfig>(json).map_err(|e| {
+                Error::weights(
+                    path,
+                    format!("metadata '{META_CONFIG}' is not a valid configuration: {e}"),
+                )
+            })?;
+            cfg.validate().map_err(|e| {
+                Error::weights(
+                    path,
+                    format!("metadata '{META_CONFIG}' is not a usable configuration: {e}"),
+                )
+            })?;
+            Some(cfg)
+        }
+        None => None,
+    };
+    let image_size = match metadata.get(META_IMAGE_SIZE) {
+        Some(json) => {
+            let size = serde_json::from_str::<[usize; 2]>(json).map_err(|e| {
+                Error::weights(
+                    path,
+                    format!("metadata '{META_IMAGE_SIZE}' must be [H, W]: {e}"),
+                )
+            })?;
+            crate::config::validate_image_size(size[0], size[1]).map_err(|e| {
+                Error::weights(
+                    path,
+                    format!("metadata '{META_IMAGE_SIZE}' is not usable: {e}"),
+                )
+            })?;
+            Some(size)
+        }
+        None => None,
+    };
+    Ok((config, image_size))
 }
 
 fn to_f32(t: Tensor, path: &Path) -> Result<Tensor> {
@@ -329,8 +414,176 @@ fn to_f32(t: Tensor, path: &Path) -> Result<Tensor> {
     }
 }
 
+/// The most entries a PyTorch archive may hold (a full DSR state_dict has 188 tensors).
+pub const MAX_ARCHIVE_ENTRIES: usize = 65_536;
+/// The largest pickle (`data.pkl`) read from a PyTorch archive, uncompressed: 64 MiB.
+pub const MAX_PICKLE_BYTES: u64 = 64 << 20;
+/// The largest expansion reported as a zip bomb rather than as an unsupported compression
+/// (uncompressed size / compressed size, for entries above 1 MiB).
+pub const MAX_COMPRESSION_RATIO: u64 = 100;
+
+/// What [`check_torch_archive`] found: every entry's declared uncompressed size.
+struct ArchiveIndex {
+    sizes: HashMap<String, u64>,
+}
+
+/// Checks a PyTorch zip archive before candle reads it, without inflating anything: a readable
+/// central directory, at most [`MAX_ARCHIVE_ENTRIES`] entries with distinct names, every entry
+/// stored uncompressed as `torch.save` writes them (a compressed entry is refused, as a
+/// possible zip bomb when it claims to expand more than [`MAX_COMPRESSION_RATIO`] times), entry
+/// sizes that add up to at most the file's size (overlapping entries are the other kind of zip
+/// bomb), and pickles of at most [`MAX_PICKLE_BYTES`] that pass the pickle pre-scan.
+fn check_torch_archive(path: &Path) -> Result<ArchiveIndex> {
+    let bad = |message: String| Error::weights(path, message);
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| bad(format!("cannot read the PyTorch archive: {e}")))?;
+    if archive.len() > MAX_ARCHIVE_ENTRIES {
+        return Err(bad(format!(
+            "the archive has {} entries, more than the {MAX_ARCHIVE_ENTRIES} accepted",
+            archive.len()
+        )));
+    }
+    let file_len = std::fs::metadata(path)
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let mut sizes = HashMap::new();
+    let mut pickles = Vec::new();
+    let mut total: u64 = 0;
+    let mut compressed = None;
+    for i in 0..archive.len() {
+        let entry = archive
+            .by_index_raw(i)
+            .map_err(|e| bad(format!("cannot read archive entry {i}: {e}")))?;
+        let name = entry.name().to_string();
+        let (size, packed) = (entry.size(), entry.compressed_size());
+        match entry.compression() {
+            zip::CompressionMethod::Stored if size != packed => {
+                return Err(bad(format!(
+                    "archive entry '{name}' is stored uncompressed but declares {size} bytes for {packed} stored: the archive is corrupt"
+                )))
+            }
+            zip::CompressionMethod::Stored => {}
+            method => {
+                if size > (1 << 20) && size / packed.max(1) > MAX_COMPRESSION_RATIO {
+                    return Err(bad(format!(
+                        "archive entry '{name}' would inflate from {packed} to {size} bytes (more than {MAX_COMPRESSION_RATIO} times): refused as a possible zip bomb"
+                    )));
+                }
+                // Reported after every entry was checked for a zip bomb.
+                compressed.get_or_insert_with(|| {
+                    bad(format!(
+                        "archive entry '{name}' is compressed ({method}); PyTorch archives store their entries uncompressed (re-save the file with torch.save)"
+                    ))
+                });
+                continue;
+            }
+        }
+        total = total.saturating_add(size);
+        if total > file_len {
+            return Err(bad(format!(
+                "the archive's entries add up to more than its {file_len} bytes (overlapping entries): refused as a possible zip bomb"
+            )));
+        }
+        if name.ends_with("data.pkl") {
+            if size > MAX_PICKLE_BYTES {
+                return Err(bad(format!(
+                    "archive entry '{name}' declares a pickle of {size} bytes, more than the {MAX_PICKLE_BYTES} accepted"
+                )));
+            }
+            pickles.push((name.clone(), size));
+        }
+        if sizes.insert(name.clone(), size).is_some() {
+            return Err(bad(format!(
+                "the archive holds two entries named '{name}': it is corrupt"
+            )));
+        }
+    }
+    if let Some(e) = compressed {
+        return Err(e);
+    }
+    for (name, size) in pickles {
+        let entry = archive
+            .by_name(&name)
+            .map_err(|e| bad(format!("cannot read archive entry '{name}': {e}")))?;
+        let mut sink = Vec::new();
+        let read = entry
+            .take(size + 1)
+            .read_to_end(&mut sink)
+            .map_err(|e| bad(format!("cannot inflate archive entry '{name}': {e}")))?;
+        if read as u64 != size {
+            return Err(bad(format!(
+                "archive entry '{name}' inflates to {} bytes but declares {size}: the archive is corrupt (or a zip bomb)",
+                if read as u64 > size {
+                    format!("more than {size}")
+                } else {
+                    read.to_string()
+                }
+            )));
+        }
+        crate::pickle_guard::scan(&sink).map_err(|e| {
+            bad(format!(
+                "archive entry '{name}' is not a usable pickle: {e}"
+            ))
+        })?;
+    }
+    Ok(ArchiveIndex { sizes })
+}
+
+thread_local! {
+    /// Set while [`guarded`] runs candle's pickle reader on this thread: its panics are turned
+    /// into errors, so the panic hook must not print them.
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs (once) a panic hook that stays silent for the panics [`guarded`] catches and hands
+/// every other panic to the hook that was there before.
+fn install_quiet_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(|q| q.get()) {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Runs `f` (a call into candle's pickle reader) and turns a panic into an error naming the
+/// file, so that a malformed archive that slipped past [`check_torch_archive`] (candle indexes
+/// pickle tuples without checking their length) cannot bring the program down.
+fn guarded<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    install_quiet_hook();
+    let was_quiet = QUIET_PANICS.with(|q| q.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET_PANICS.with(|q| q.set(was_quiet));
+    result.unwrap_or_else(|payload| {
+        let detail = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown problem".to_string());
+        Err(Error::weights(
+            path,
+            format!("{what}: the PyTorch archive is malformed ({detail})"),
+        ))
+    })
+}
+
 /// Reads the tensors of a PyTorch zip archive; `key` selects a nested dictionary (e.g.
 /// `state_dict` in a Lightning checkpoint). Tensors that are not floating point are skipped.
+///
+/// The archive is checked first (see the `MAX_*` limits of this module): no entry is inflated
+/// beyond its declared size, and a tensor is only read when the bytes its shape needs fit in
+/// the archive entry that holds it, so a corrupt or hostile file cannot cause a large
+/// allocation.
 pub fn load_torch(path: &Path, key: Option<&str>) -> Result<HashMap<String, Tensor>> {
     match detect_format(path)? {
         WeightFormat::TorchZip => {}
@@ -342,22 +595,64 @@ pub fn load_torch(path: &Path, key: Option<&str>) -> Result<HashMap<String, Tens
             ))
         }
     }
-    let pth = candle_core::pickle::PthTensors::new(path, key)
-        .map_err(|e| Error::weights(path, format!("cannot read the PyTorch archive: {e}")))?;
+    let index = check_torch_archive(path)?;
+    let pth = guarded(path, "cannot read the PyTorch archive", || {
+        candle_core::pickle::PthTensors::new(path, key)
+            .map_err(|e| Error::weights(path, format!("cannot read the PyTorch archive: {e}")))
+    })?;
+    let declared_total: u64 = index.sizes.values().sum();
+    let mut needed_total: u64 = 0;
+    let mut names: Vec<&String> = pth.tensor_infos().keys().collect();
+    names.sort();
     let mut tensors = HashMap::new();
-    for (name, info) in pth.tensor_infos() {
+    for name in names {
+        let info = &pth.tensor_infos()[name];
         if !matches!(
             info.dtype,
             DType::F32 | DType::F16 | DType::BF16 | DType::F64
         ) {
             continue;
         }
-        let t = pth
-            .get(name)
-            .map_err(|e| Error::weights(path, format!("tensor '{name}': {e}")))?
+        let entry = info.path.as_str();
+        let available = index.sizes.get(entry).copied().ok_or_else(|| {
+            Error::weights(
+                path,
+                format!("tensor '{name}' refers to '{entry}', which the archive does not hold"),
+            )
+        })?;
+        let needed = info
+            .layout
+            .dims()
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+            .and_then(|n| n.checked_mul(info.dtype.size_in_bytes() as u64))
+            // candle keeps the storage offset in bytes.
+            .and_then(|n| n.checked_add(info.layout.start_offset() as u64))
+            .filter(|&n| n <= available)
             .ok_or_else(|| {
-                Error::weights(path, format!("tensor '{name}' vanished while reading"))
+                Error::weights(
+                    path,
+                    format!(
+                        "tensor '{name}' of shape {:?} needs more bytes than the {available} of its archive entry '{entry}': the archive is corrupt",
+                        info.layout.dims()
+                    ),
+                )
             })?;
+        needed_total += needed;
+        // Tensors may share a storage (views), but never need more than twice the data.
+        if needed_total > 2 * declared_total + (1 << 20) {
+            return Err(Error::weights(
+                path,
+                "the tensors need more than twice the archive's data: the archive is corrupt",
+            ));
+        }
+        let t = guarded(path, &format!("tensor '{name}'"), || {
+            pth.get(name)
+                .map_err(|e| Error::weights(path, format!("tensor '{name}': {e}")))?
+                .ok_or_else(|| {
+                    Error::weights(path, format!("tensor '{name}' vanished while reading"))
+                })
+        })?;
         tensors.insert(name.clone(), to_f32(t, path)?);
     }
     if tensors.is_empty() {
@@ -489,12 +784,18 @@ pub fn check_tensors(
         ));
     }
     for (key, _) in expected {
-        let t = &tensors[key];
-        let finite = t.abs()?.max_all()?.to_scalar::<f32>()?.is_finite() || t.elem_count() == 0;
-        if !finite {
+        // Element by element: a maximum skips NaN, so it cannot be used to find one.
+        let values = tensors[key]
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(Error::weights(
                 path,
-                format!("tensor '{key}' holds NaN or infinite values"),
+                format!(
+                    "tensor '{key}' holds NaN or infinite values (element {i} is {})",
+                    values[i]
+                ),
             ));
         }
     }
@@ -554,12 +855,46 @@ pub fn save_checkpoint(
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder, `fsync` and rename.
-/// If anything fails (e.g. the disk is full) the previous file at `path` is left untouched.
+/// If anything fails (e.g. the disk is full) the previous file at `path` is left untouched, the
+/// temporary file is removed, and the error ([`Error::Write`]) says whether a previous file is
+/// still there.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    write_atomic_with(path, |file| file.write_all(bytes))
+}
+
+/// Distinguishes the temporary files of concurrent writes from one process.
+static TEMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The temporary file [`write_atomic`] writes before renaming it to `path`:
+/// `.<name>.<pid>.<n>.tmp` in the same folder.
+fn temp_path(dir: &Path, name: &str) -> PathBuf {
+    let n = TEMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()))
+}
+
+/// Whether `file_name` is one of [`write_atomic`]'s temporary files for a file named `name`
+/// (left behind only when the process was killed during a write).
+pub fn is_temp_file_of(file_name: &str, name: &str) -> bool {
+    file_name
+        .strip_prefix('.')
+        .and_then(|rest| rest.strip_prefix(name))
+        .and_then(|rest| rest.strip_prefix('.'))
+        .and_then(|rest| rest.strip_suffix(".tmp"))
+        .is_some_and(|middle| {
+            let mut parts = middle.split('.');
+            let numeric = |p: Option<&str>| {
+                p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            };
+            numeric(parts.next()) && numeric(parts.next()) && parts.next().is_none()
+        })
+}
+
+/// [`write_atomic`] with the writing of the content injected (the seam that tests use to make
+/// a write fail half-way, as a full disk does).
+fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -569,10 +904,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .ok_or_else(|| Error::weights(path, "not a file path"))?
         .to_string_lossy()
         .into_owned();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let tmp = temp_path(&dir, &name);
     let result = (|| {
         let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
+        write(&mut file)?;
         file.sync_all()?;
         drop(file);
         std::fs::rename(&tmp, path)?;
@@ -582,8 +917,101 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         }
         Ok(())
     })();
-    if result.is_err() {
+    result.map_err(|source| {
         let _ = std::fs::remove_file(&tmp);
+        Error::Write {
+            path: path.to_path_buf(),
+            source,
+            previous_kept: path.exists(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "dsr-core-weights-{name}-{}-{}",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
-    result.map_err(io)
+
+    /// A disk that fills up half-way through the write: the previous checkpoint is unchanged,
+    /// no temporary file is left, and the message says the previous file is intact.
+    #[test]
+    fn a_write_failing_half_way_keeps_the_previous_checkpoint() {
+        let dir = scratch("full");
+        let path = dir.join("last.safetensors");
+        let tensors: HashMap<String, Tensor> = [(
+            "w".to_string(),
+            Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap(),
+        )]
+        .into();
+        save_checkpoint(&path, &tensors, &DsrConfig::tiny(), None, &BTreeMap::new()).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let err = write_atomic_with(&path, |file| {
+            file.write_all(&[0u8; 100])?;
+            Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "No space left on device",
+            ))
+        })
+        .unwrap_err();
+        let message = err.to_string();
+        assert!(
+            matches!(
+                err,
+                Error::Write {
+                    previous_kept: true,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("No space left on device"), "{message}");
+        assert!(
+            message.contains("previous version of this file is intact"),
+            "{message}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        let loaded = load_checkpoint(&path).unwrap();
+        assert_eq!(
+            loaded.tensors["w"].to_vec1::<f32>().unwrap(),
+            vec![1.0, 2.0, 3.0]
+        );
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["last.safetensors".to_string()]);
+
+        // Without a previous file the message says that nothing was left.
+        let fresh = dir.join("new.safetensors");
+        let err = write_atomic_with(&fresh, |_| {
+            Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "full"))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("no file was written"), "{err}");
+        assert!(!fresh.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn temporary_file_names_are_recognised() {
+        let dir = Path::new("/x");
+        let tmp = temp_path(dir, "a.png");
+        let name = tmp.file_name().unwrap().to_str().unwrap();
+        assert!(is_temp_file_of(name, "a.png"), "{name}");
+        assert!(!is_temp_file_of(name, "a.npy"));
+        assert!(!is_temp_file_of(".a.png.tmp", "a.png"));
+        assert!(!is_temp_file_of(".a.png.1.x.tmp", "a.png"));
+        assert!(!is_temp_file_of("a.png", "a.png"));
+    }
 }
