@@ -143,11 +143,25 @@ enum Command {
         config: Option<PathBuf>,
         /// The data set folder (MVTec AD layout): a category folder, or the root of several
         /// with --category.
-        #[arg(long, value_name = "DIR", required_unless_present_any = ["resume", "config"])]
+        #[arg(long, value_name = "DIR", required_unless_present_any = ["resume", "config", "normal_dir"])]
         data: Option<PathBuf>,
         /// The category sub-folder of --data.
         #[arg(long, value_name = "C")]
         category: Option<String>,
+        /// The generic folder layout instead of --data: a folder of defect-free images
+        /// (training, and 20 % of them for the test unless --normal-test-dir is given).
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["data", "category"])]
+        normal_dir: Option<PathBuf>,
+        /// Folder layout: defective test images.
+        #[arg(long, value_name = "DIR", requires = "normal_dir")]
+        abnormal_dir: Option<PathBuf>,
+        /// Folder layout: defect-free test images.
+        #[arg(long, value_name = "DIR", requires = "normal_dir")]
+        normal_test_dir: Option<PathBuf>,
+        /// Folder layout: masks of the defective images, matched by file stem (<stem>_mask.png
+        /// or <stem>.png).
+        #[arg(long, value_name = "DIR", requires = "normal_dir")]
+        mask_dir: Option<PathBuf>,
         /// Pretrained discrete-model weights (official .pckl, our safetensors, anomalib
         /// model.ckpt). Default: the cached official weights of `cargo xtask fetch-weights` when
         /// the model configuration fits them.
@@ -197,7 +211,7 @@ enum Command {
         set: Vec<String>,
         /// Continue the run in this folder (its config.toml and weights/last.safetensors); the
         /// other settings flags are not allowed with it.
-        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "data", "category", "vq_weights", "pretrain", "pretrain_steps", "preset", "image_size", "batch", "phase2_steps", "phase3_steps", "recipe", "focal", "seed", "results", "checkpoint_every", "set"])]
+        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "data", "category", "normal_dir", "abnormal_dir", "normal_test_dir", "mask_dir", "vq_weights", "pretrain", "pretrain_steps", "preset", "image_size", "batch", "phase2_steps", "phase3_steps", "recipe", "focal", "seed", "results", "checkpoint_every", "set"])]
         resume: Option<PathBuf>,
         /// Skip the test evaluation at the end.
         #[arg(long)]
@@ -371,6 +385,10 @@ fn main() -> ExitCode {
             config,
             data,
             category,
+            normal_dir,
+            abnormal_dir,
+            normal_test_dir,
+            mask_dir,
             vq_weights,
             pretrain,
             pretrain_steps,
@@ -394,6 +412,10 @@ fn main() -> ExitCode {
                 config,
                 data,
                 category,
+                normal_dir,
+                abnormal_dir,
+                normal_test_dir,
+                mask_dir,
                 vq_weights,
                 pretrain,
                 pretrain_steps,

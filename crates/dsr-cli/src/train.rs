@@ -72,6 +72,14 @@ pub struct TrainOverrides {
     pub data: Option<PathBuf>,
     /// `--category`.
     pub category: Option<String>,
+    /// `--normal-dir`.
+    pub normal_dir: Option<PathBuf>,
+    /// `--abnormal-dir`.
+    pub abnormal_dir: Option<PathBuf>,
+    /// `--normal-test-dir`.
+    pub normal_test_dir: Option<PathBuf>,
+    /// `--mask-dir`.
+    pub mask_dir: Option<PathBuf>,
     /// `--vq-weights`.
     pub vq_weights: Option<PathBuf>,
     /// `--pretrain`.
@@ -117,6 +125,16 @@ pub fn resolve_config(o: &TrainOverrides) -> Result<RunConfig> {
     }
     if o.category.is_some() {
         cfg.data.category = o.category.clone();
+    }
+    for (flag, field) in [
+        (&o.normal_dir, &mut cfg.data.normal_dir),
+        (&o.abnormal_dir, &mut cfg.data.abnormal_dir),
+        (&o.normal_test_dir, &mut cfg.data.normal_test_dir),
+        (&o.mask_dir, &mut cfg.data.mask_dir),
+    ] {
+        if flag.is_some() {
+            *field = flag.clone();
+        }
     }
     if let Some(w) = &o.vq_weights {
         cfg.vq.weights = Some(w.clone());
@@ -230,10 +248,11 @@ pub fn run_session(session: &Session, device: &Device, test: bool) -> Result<Run
     println!("training took {}", human(started.elapsed().as_secs_f64()));
     if test && !outcome.test.is_empty() {
         let cfg = session.config();
-        let samples = evaluate::samples_from_entries(&outcome.test, &cfg.data.root)?;
+        let root = cfg.data.display_root();
+        let samples = evaluate::samples_from_entries(&outcome.test, &root)?;
         evaluate::evaluate_samples(
             &outcome.model,
-            &cfg.data.root,
+            &root,
             samples,
             &session.dir().path,
             cfg.data.eval_batch,

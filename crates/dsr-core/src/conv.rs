@@ -17,7 +17,7 @@
 //! Only f32 tensors on the CPU take this path; every other device or dtype uses candle's own
 //! operator, so results are the same everywhere up to rounding.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The largest patch matrix (in bytes) built at once; larger batches are processed in groups of
@@ -352,18 +352,141 @@ fn conv2d_limited(
     } else {
         g.rows() * g.cols() * 4
     };
-    let ys = in_groups(&xs, per_image, limit, |chunk| {
+    if pointwise {
+        // The "patch matrix" is a view of the input: nothing extra stays alive for the backward.
+        let ys = in_groups(&xs, per_image, limit, |chunk| {
+            let m = chunk.dim(0)?;
+            wmat.broadcast_left(m)?
+                .matmul(&chunk.reshape((m, ci, h * w))?)?
+                .reshape((m, co, g.oh, g.ow))
+        })?;
+        return add_bias(ys, bias);
+    }
+    // The product is computed outside the autograd graph and attached by `ConvGrad`, whose
+    // backward rebuilds the patch matrices group by group: training then keeps only the input and
+    // the weight of each convolution alive (as PyTorch does), not its patch matrix (9× the input
+    // for a 3×3 kernel; at 256×256 that made a phase-2 step need more than 23 GB).
+    let (xd, wd) = (xs.detach(), wmat.detach());
+    let ys = in_groups(&xd, per_image, limit, |chunk| {
         let m = chunk.dim(0)?;
-        let cols = if pointwise {
-            chunk.reshape((m, ci, h * w))?
-        } else {
-            chunk.apply_op1(Im2Col(g))?
-        };
-        wmat.broadcast_left(m)?
-            .matmul(&cols)?
+        wd.broadcast_left(m)?
+            .matmul(&chunk.apply_op1(Im2Col(g))?)?
             .reshape((m, co, g.oh, g.ow))
     })?;
+    let ys = xs.apply_op3(&wmat, &ys, ConvGrad::new(Kind::Conv, g, limit))?;
     add_bias(ys, bias)
+}
+
+/// Which product [`ConvGrad`] differentiates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `y_i = W · im2col(x_i)`, `W` `[co, rows]`.
+    Conv,
+    /// `y_i = col2im(W · x_i)`, `W` `[rows, ci]`.
+    Transposed,
+}
+
+/// Attaches the gradients of a convolution whose output was computed without a graph.
+///
+/// Forward: `(x, W, y) ↦ y` (a copy). Backward: the gradients of `x` and `W` of the product
+/// described by [`Kind`], with the patch matrices rebuilt from `x` (or from the incoming
+/// gradient) in groups of whole images bounded by `limit` bytes. The weight gradient adds the
+/// images' contributions one by one in batch order, so grouping does not change a single bit.
+#[derive(Debug, Clone, Copy)]
+struct ConvGrad {
+    kind: Kind,
+    g: Geometry,
+    limit: usize,
+}
+
+impl ConvGrad {
+    fn new(kind: Kind, g: Geometry, limit: usize) -> Self {
+        Self { kind, g, limit }
+    }
+}
+
+impl CustomOp3 for ConvGrad {
+    fn name(&self) -> &'static str {
+        "conv-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ys = f32_data(s3, l3, "conv-grad")?;
+        Ok((CpuStorage::F32(ys.to_vec()), l3.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        wmat: &Tensor,
+        _ys: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (xs, wmat, grad) = (
+            xs.detach().contiguous()?,
+            wmat.detach(),
+            grad.detach().contiguous()?,
+        );
+        let g = self.g;
+        let n = xs.dim(0)?;
+        let per_image = g.rows() * g.cols() * 4;
+        let group = (self.limit / per_image.max(1)).max(1);
+        let mut grad_x = Vec::new();
+        let mut grad_w: Option<Tensor> = None;
+        let mut accumulate = |gw: Tensor| -> candle_core::Result<()> {
+            grad_w = Some(match grad_w.take() {
+                Some(acc) => (acc + gw)?,
+                None => gw,
+            });
+            Ok(())
+        };
+        for start in (0..n).step_by(group) {
+            let m = group.min(n - start);
+            let x = xs.narrow(0, start, m)?;
+            let gy = grad.narrow(0, start, m)?;
+            match self.kind {
+                Kind::Conv => {
+                    let (co, _) = wmat.dims2()?;
+                    let gy = gy.reshape((m, co, g.cols()))?;
+                    let cols = x.apply_op1(Im2Col(g))?;
+                    grad_x.push(
+                        wmat.t()?
+                            .broadcast_left(m)?
+                            .matmul(&gy)?
+                            .apply_op1(Col2Im(g))?,
+                    );
+                    for i in 0..m {
+                        accumulate(gy.get(i)?.matmul(&cols.get(i)?.t()?)?)?;
+                    }
+                }
+                Kind::Transposed => {
+                    let (_, ci) = wmat.dims2()?;
+                    let (h, w) = (g.oh, g.ow);
+                    let x = x.reshape((m, ci, h * w))?;
+                    let gmid = gy.apply_op1(Im2Col(g))?;
+                    grad_x.push(
+                        wmat.t()?
+                            .broadcast_left(m)?
+                            .matmul(&gmid)?
+                            .reshape((m, ci, h, w))?,
+                    );
+                    for i in 0..m {
+                        accumulate(gmid.get(i)?.matmul(&x.get(i)?.t()?)?)?;
+                    }
+                }
+            }
+        }
+        Ok((Some(Tensor::cat(&grad_x, 0)?), grad_w, None))
+    }
 }
 
 /// A 2-D transposed convolution of `xs` `[n, ci, h, w]` with `weight` `[ci, co, kh, kw]`
@@ -416,12 +539,16 @@ fn conv_transpose2d_limited(
     let wmat = weight.reshape((ci, g.rows()))?.t()?.contiguous()?;
     let xs = xs.contiguous()?;
     let per_image = g.rows() * g.cols() * 4;
-    let ys = in_groups(&xs, per_image, limit, |chunk| {
+    // As in `conv2d`: computed outside the graph, the gradients attached by `ConvGrad`, so that
+    // the `[rows, h·w]` products do not stay alive until the backward.
+    let (xd, wd) = (xs.detach(), wmat.detach());
+    let ys = in_groups(&xd, per_image, limit, |chunk| {
         let m = chunk.dim(0)?;
-        wmat.broadcast_left(m)?
+        wd.broadcast_left(m)?
             .matmul(&chunk.reshape((m, ci, h * w))?)?
             .apply_op1(Col2Im(g))
     })?;
+    let ys = xs.apply_op3(&wmat, &ys, ConvGrad::new(Kind::Transposed, g, limit))?;
     add_bias(ys, bias)
 }
 

@@ -42,7 +42,9 @@ use candle_core::Device;
 use dsr_core::weights::{load_checkpoint, save_checkpoint, write_atomic, Checkpoint};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{split_validation, Entry, MvtecDataset, ValSplit};
+use crate::data::{
+    split_validation, Entry, FolderDataset, FolderLayout, Listing, MvtecDataset, ValSplit,
+};
 use crate::pipeline::{evaluate, load_image_batch, Evaluation};
 use crate::postprocess::METADATA_KEY;
 use crate::pretrain::{PretrainConfig, PretrainReport, Pretrainer};
@@ -78,6 +80,22 @@ pub struct DataSection {
     pub val_split: String,
     /// Images per inference batch in the validation.
     pub eval_batch: usize,
+    /// The generic folder layout instead of MVTec's: the folder of normal (defect-free) images.
+    /// When set, `root` and `category` are not used for listing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub normal_dir: Option<PathBuf>,
+    /// Folder layout: abnormal test images.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abnormal_dir: Option<PathBuf>,
+    /// Folder layout: normal test images (default: `normal_split_ratio` of `normal_dir`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub normal_test_dir: Option<PathBuf>,
+    /// Folder layout: masks of the abnormal images, matched by stem (`<stem>_mask.*`, `<stem>.*`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask_dir: Option<PathBuf>,
+    /// Folder layout: the fraction of `normal_dir` moved to the test set without
+    /// `normal_test_dir` (anomalib's 0.2).
+    pub normal_split_ratio: f64,
 }
 
 impl Default for DataSection {
@@ -87,6 +105,48 @@ impl Default for DataSection {
             category: None,
             val_split: "same_as_test".into(),
             eval_batch: 8,
+            normal_dir: None,
+            abnormal_dir: None,
+            normal_test_dir: None,
+            mask_dir: None,
+            normal_split_ratio: 0.2,
+        }
+    }
+}
+
+impl DataSection {
+    /// The folder that names the data set: `root`, or for the folder layout `normal_dir`'s
+    /// parent.
+    pub fn display_root(&self) -> PathBuf {
+        match &self.normal_dir {
+            Some(n) => n
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from(".")),
+            None => self.root.clone(),
+        }
+    }
+
+    /// Lists the data set (MVTec layout, or the folder layout when `normal_dir` is set).
+    pub fn listing(&self, seed: u64) -> Result<Listing> {
+        match &self.normal_dir {
+            Some(normal) => {
+                let layout = FolderLayout {
+                    normal_dir: normal.clone(),
+                    abnormal_dir: self.abnormal_dir.clone(),
+                    normal_test_dir: self.normal_test_dir.clone(),
+                    mask_dir: self.mask_dir.clone(),
+                    normal_split_ratio: self.normal_split_ratio,
+                    seed,
+                };
+                Ok(FolderDataset::open(&layout)
+                    .map_err(|e| config_error(e.to_string()))?
+                    .listing)
+            }
+            None => Ok(MvtecDataset::open(&self.root, self.category.as_deref())
+                .map_err(|e| config_error(e.to_string()))?
+                .listing),
         }
     }
 }
@@ -222,8 +282,10 @@ impl RunConfig {
         }
         self.train.model.validate()?;
         dsr_core::config::validate_image_size(self.train.image_size[0], self.train.image_size[1])?;
-        if self.data.root.as_os_str().is_empty() {
-            return Err(config_error("no data folder: set data.root (--data)"));
+        if self.data.root.as_os_str().is_empty() && self.data.normal_dir.is_none() {
+            return Err(config_error(
+                "no data folder: set data.root (--data), or data.normal_dir (--normal-dir) for the folder layout",
+            ));
         }
         if self.output.checkpoint_every == 0 {
             return Err(config_error("output.checkpoint_every must be at least 1"));
@@ -428,8 +490,10 @@ impl Session {
     /// Starts a new run: validates `cfg`, creates the next `vN` folder and writes `config.toml`.
     pub fn create(cfg: RunConfig) -> Result<Self> {
         cfg.validate()?;
-        let (dataset, category) =
-            dataset_and_category(&cfg.data.root, cfg.data.category.as_deref());
+        let (dataset, category) = match &cfg.data.normal_dir {
+            Some(_) => dataset_and_category(&cfg.data.display_root(), None),
+            None => dataset_and_category(&cfg.data.root, cfg.data.category.as_deref()),
+        };
         let dir = RunDir::create_next(&cfg.output.results, &dataset, &category)?;
         write_atomic(&dir.config_path(), cfg.to_toml()?.as_bytes())?;
         Ok(Self { cfg, dir })
@@ -461,10 +525,9 @@ impl Session {
     ) -> Result<RunOutcome> {
         let cfg = &self.cfg;
         let size = cfg.train.image_size;
-        let data = MvtecDataset::open(&cfg.data.root, cfg.data.category.as_deref())
-            .map_err(|e| config_error(e.to_string()))?;
+        let listing = cfg.data.listing(cfg.train.seed)?;
         let splits = split_validation(
-            &data.listing,
+            &listing,
             parse_val_split(&cfg.data.val_split, cfg.train.seed)?,
         )
         .map_err(|e| config_error(e.to_string()))?;
