@@ -16,8 +16,9 @@
 //! Pre-processing follows the reference (anomalib): every image is decoded whatever its bit depth or
 //! channel count, converted to RGB `f32` in `[0, 1]` (alpha is dropped, grayscale is replicated,
 //! palettes are expanded, 16-bit values are divided by 65535), laid out CHW, and resized to the
-//! configured size with antialiased bilinear interpolation. Masks are binarised (a pixel is anomalous
-//! when any of its colour channels is greater than zero) and resized with nearest-neighbour sampling.
+//! configured size with antialiased bilinear interpolation. Masks are binarised (see
+//! [`mask_to_binary`]: a pixel is anomalous when its brightest colour channel reaches half the full
+//! scale, or, in a 0/1 label image, when it is 1) and resized with nearest-neighbour sampling.
 //!
 //! Masks and pixel metrics: when a data set has no masks at all (no `ground_truth` folder, or no mask
 //! folder), test samples carry no mask and pixel metrics are to be skipped. When it has masks, every
@@ -173,6 +174,14 @@ pub enum DataError {
         /// The second file.
         second: PathBuf,
     },
+    /// Every file of a set failed to load under [`OnError::Skip`].
+    #[error("none of the {count} images could be loaded; the first problem: {first}")]
+    NothingLoaded {
+        /// How many files were tried.
+        count: usize,
+        /// The first file's error.
+        first: Box<DataError>,
+    },
     /// An invalid setting (for example a zero image size, a zero batch size or a fraction outside
     /// `[0, 1]`).
     #[error("invalid data configuration: {0}")]
@@ -206,14 +215,39 @@ impl DataError {
     }
 }
 
-/// What to do with a file that cannot be loaded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What to do with a file that cannot be loaded. Written `fail` and `skip` in configuration files
+/// and on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OnError {
     /// Return the first error.
     #[default]
     Fail,
     /// Skip the file and report it in [`Batch::skipped`].
     Skip,
+}
+
+impl std::fmt::Display for OnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnError::Fail => "fail",
+            OnError::Skip => "skip",
+        })
+    }
+}
+
+impl std::str::FromStr for OnError {
+    type Err = DataError;
+
+    fn from_str(s: &str) -> Result<Self, DataError> {
+        match s {
+            "fail" => Ok(OnError::Fail),
+            "skip" => Ok(OnError::Skip),
+            other => Err(DataError::Config(format!(
+                "'{other}' is not an error policy: fail or skip"
+            ))),
+        }
+    }
 }
 
 /// How images are loaded: target size, pixel limit and error policy.
@@ -756,6 +790,17 @@ impl MaskIndex {
     }
 }
 
+/// A decoder message on one line (some decoders put line breaks in theirs), so that every error
+/// stays one line that names the file.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Opens an image, checks its size from the header against `max_pixels`, then decodes it.
 pub fn decode_checked(path: &Path, max_pixels: u64) -> Result<DynamicImage, DataError> {
     let meta = fs::metadata(path).map_err(|e| DataError::io(path, e))?;
@@ -781,7 +826,7 @@ pub fn decode_checked(path: &Path, max_pixels: u64) -> Result<DynamicImage, Data
         .into_dimensions()
         .map_err(|e| DataError::NotAnImage {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason: one_line(&e.to_string()),
         })?;
     if width == 0 || height == 0 {
         return Err(DataError::NotAnImage {
@@ -803,7 +848,7 @@ pub fn decode_checked(path: &Path, max_pixels: u64) -> Result<DynamicImage, Data
     reader.no_limits();
     reader.decode().map_err(|e| DataError::Decode {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        reason: one_line(&e.to_string()),
     })
 }
 
@@ -834,20 +879,35 @@ pub fn image_to_chw(image: &DynamicImage, height: u32, width: u32) -> Vec<f32> {
 
 /// Converts a decoded mask to a binary `f32` mask of `height`×`width` (1×H×W).
 ///
-/// Binarisation rule: a pixel is anomalous (1.0) when any of its colour channels is greater than
-/// zero, whatever the bit depth; alpha is ignored. Resizing uses nearest-neighbour sampling as
-/// PyTorch's `interpolate(mode="nearest")`: output pixel `i` reads input pixel
-/// `floor(i · in / out)`. A mask that already has the target size is used as is.
+/// Binarisation rule (for masks that are not strictly black and white, such as JPEG masks with
+/// compression noise or masks with antialiased edges): a pixel is anomalous (1.0) when its
+/// brightest colour channel is at least half the full scale of the file's bit depth (128 of 255,
+/// 32768 of 65535, 0.5 for floating point); alpha is ignored. One exception: a mask whose largest
+/// value is exactly 1 (a label image that stores 0 and 1 rather than 0 and 255) marks its pixels
+/// of value 1 as anomalous. Resizing uses nearest-neighbour sampling as PyTorch's
+/// `interpolate(mode="nearest")`: output pixel `i` reads input pixel `floor(i · in / out)`. A mask
+/// that already has the target size is used as is.
 pub fn mask_to_binary(mask: &DynamicImage, height: u32, width: u32) -> Vec<f32> {
-    let rgb = mask.to_rgb16();
+    let rgb = mask.to_rgb32f();
     let (in_w, in_h) = rgb.dimensions();
+    let brightest = |p: &image::Rgb<f32>| p.0.iter().copied().fold(0.0f32, f32::max);
+    // One step of the file's integer scale, for the 0/1 label-image exception.
+    let step = match mask.color().bytes_per_pixel() / mask.color().channel_count() {
+        1 => Some(1.0 / 255.0),
+        2 => Some(1.0 / 65535.0),
+        _ => None,
+    };
+    let largest = rgb.pixels().map(brightest).fold(0.0f32, f32::max);
+    let threshold = match step {
+        Some(step) if (largest - step).abs() < step / 2.0 => step / 2.0,
+        _ => 0.5,
+    };
     let mut out = vec![0.0f32; height as usize * width as usize];
     for y in 0..height {
         let sy = ((y as u64 * in_h as u64) / height as u64).min(in_h as u64 - 1) as u32;
         for x in 0..width {
             let sx = ((x as u64 * in_w as u64) / width as u64).min(in_w as u64 - 1) as u32;
-            let p = rgb.get_pixel(sx, sy);
-            if p.0.iter().any(|&v| v > 0) {
+            if brightest(rgb.get_pixel(sx, sy)) >= threshold {
                 out[y as usize * width as usize + x as usize] = 1.0;
             }
         }
@@ -1015,6 +1075,27 @@ pub fn load_batch(
                 OnError::Skip => batch.skipped.push(e),
             },
         }
+    }
+    Ok(batch)
+}
+
+/// Loads a whole set of images (for example the training set, which DSR keeps in memory) under the
+/// error policy of `config`: under [`OnError::Fail`] the first unreadable file stops the loading
+/// with its error; under [`OnError::Skip`] unreadable files are left out and listed in
+/// [`Batch::skipped`] (the caller reports them), and only a set in which no file loads is an error
+/// ([`DataError::NothingLoaded`]).
+pub fn load_images(
+    entries: &[Entry],
+    config: &LoadConfig,
+    with_masks: bool,
+) -> Result<Batch, DataError> {
+    let mut batch = load_batch(entries, config, with_masks)?;
+    if batch.is_empty() && !batch.skipped.is_empty() {
+        let count = batch.skipped.len();
+        return Err(DataError::NothingLoaded {
+            count,
+            first: Box::new(batch.skipped.swap_remove(0)),
+        });
     }
     Ok(batch)
 }

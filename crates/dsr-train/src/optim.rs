@@ -110,6 +110,23 @@ impl Adam {
         Ok(())
     }
 
+    /// The name of the first parameter (in name order) holding a NaN or an infinite value, if
+    /// any: `0·x` is zero for every finite `x` and NaN otherwise, so one sum tells.
+    pub fn first_non_finite(&self) -> candle_core::Result<Option<&str>> {
+        for (name, slot) in &self.slots {
+            let t = slot.var.as_tensor();
+            let probe = t
+                .affine(0.0, 0.0)?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+            if probe != 0.0 {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    }
+
     /// Back-propagates `loss` and steps.
     pub fn backward_step(&mut self, loss: &Tensor) -> candle_core::Result<()> {
         let grads = loss.backward()?;

@@ -31,6 +31,14 @@ pub const PHASE2_PREFIXES: [&str; 4] = [
     "image_reconstruction_network.",
     "anomaly_detection_module.",
 ];
+/// The largest batch accepted (a corrupt configuration must not reserve memory for millions of
+/// images).
+pub const MAX_BATCH_SIZE: usize = 4096;
+
+/// The longest schedule accepted, in steps (2^40: far beyond any run, small enough that step
+/// arithmetic cannot overflow).
+pub const MAX_STEPS: u64 = 1 << 40;
+
 /// Key prefix of the module trained in phase 3.
 pub const PHASE3_PREFIX: &str = "upsampling_module.";
 
@@ -61,6 +69,16 @@ pub enum TrainError {
         step: u64,
         /// The offending value.
         value: f64,
+    },
+    /// An optimizer step made a weight NaN or infinite (the loss itself was still finite).
+    #[error("the {phase} update at step {step} made the weight '{name}' NaN or infinite: training stopped (lower the learning rate; the last checkpoint is intact)")]
+    NonFiniteWeights {
+        /// The phase.
+        phase: Phase,
+        /// The step whose update produced it.
+        step: u64,
+        /// The first parameter found non-finite.
+        name: String,
     },
     /// A checkpoint does not fit this run.
     #[error("{path}: {message}")]
@@ -195,22 +213,41 @@ impl Plan {
                 phase2_steps,
                 phase3_steps,
                 lr_drop_fraction,
-            } => Ok(Plan {
-                phase2_steps,
-                phase3_steps,
-                lr_drop_step: Some((phase2_steps as f64 * lr_drop_fraction) as u64),
-            }),
+            } => {
+                if phase2_steps
+                    .checked_add(phase3_steps)
+                    .is_none_or(|total| total > MAX_STEPS)
+                {
+                    return Err(TrainError::Config(format!(
+                        "{phase2_steps} + {phase3_steps} steps is more than the {MAX_STEPS} accepted"
+                    )));
+                }
+                Ok(Plan {
+                    phase2_steps,
+                    phase3_steps,
+                    lr_drop_step: Some((phase2_steps as f64 * lr_drop_fraction) as u64),
+                })
+            }
             Schedule::Anomalib {
                 epochs,
                 upsampling_train_ratio,
                 never_stepped_scheduler,
             } => {
-                let per_epoch = num_images.div_ceil(cfg.batch_size) as u64;
-                let phase2_epochs = (epochs as f64 * upsampling_train_ratio) as u64;
+                let per_epoch = num_images.div_ceil(cfg.batch_size.max(1)) as u64;
+                let phase2_epochs = ((epochs as f64 * upsampling_train_ratio) as u64).min(epochs);
                 let anneal_epoch = (0.8 * phase2_epochs as f64) as u64;
+                let too_long = || {
+                    TrainError::Config(format!(
+                        "{epochs} epochs of {per_epoch} steps is more than the {MAX_STEPS} steps accepted"
+                    ))
+                };
+                epochs
+                    .checked_mul(per_epoch)
+                    .filter(|&total| total <= MAX_STEPS)
+                    .ok_or_else(too_long)?;
                 Ok(Plan {
                     phase2_steps: phase2_epochs * per_epoch,
-                    phase3_steps: (epochs - phase2_epochs.min(epochs)) * per_epoch,
+                    phase3_steps: (epochs - phase2_epochs) * per_epoch,
                     lr_drop_step: (!never_stepped_scheduler).then_some(anneal_epoch * per_epoch),
                 })
             }
@@ -339,8 +376,11 @@ impl Trainer {
     fn build(cfg: TrainConfig, images: ImageBatch, device: &Device) -> Result<Self> {
         cfg.model.validate()?;
         dsr_core::config::validate_image_size(cfg.image_size[0], cfg.image_size[1])?;
-        if cfg.batch_size == 0 {
-            return Err(TrainError::Config("batch_size must be at least 1".into()));
+        if cfg.batch_size == 0 || cfg.batch_size > MAX_BATCH_SIZE {
+            return Err(TrainError::Config(format!(
+                "batch_size must lie between 1 and {MAX_BATCH_SIZE}, got {}",
+                cfg.batch_size
+            )));
         }
         if images.c != 3 || [images.h, images.w] != cfg.image_size {
             return Err(TrainError::Config(format!(
@@ -531,6 +571,13 @@ impl Trainer {
                 lr = self.phase2_lr(step);
                 self.opt_d.set_lr(lr);
                 self.opt_d.backward_step(&loss.total)?;
+                if let Some(name) = self.opt_d.first_non_finite()? {
+                    return Err(TrainError::NonFiniteWeights {
+                        phase,
+                        step,
+                        name: name.to_string(),
+                    });
+                }
             }
             Phase::Phase3 => {
                 let (smudged, masks) = self
@@ -551,6 +598,13 @@ impl Trainer {
                 }
                 lr = self.cfg.adam.lr;
                 self.opt_u.backward_step(&loss)?;
+                if let Some(name) = self.opt_u.first_non_finite()? {
+                    return Err(TrainError::NonFiniteWeights {
+                        phase,
+                        step,
+                        name: name.to_string(),
+                    });
+                }
             }
         }
         self.step += 1;
@@ -564,6 +618,10 @@ impl Trainer {
 
     /// Writes a training checkpoint (model, both optimizer states, step, configuration)
     /// atomically to `path`.
+    ///
+    /// A state holding a NaN or an infinite value is never written: the error says which tensor,
+    /// and the previous checkpoint at `path` stays as it was. A failed write (a full disk) leaves
+    /// the previous checkpoint intact too, and the error says so.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut tensors = self.model_tensors();
         for (k, v) in self
@@ -573,6 +631,24 @@ impl Trainer {
             .chain(self.opt_u.state_tensors("optim.phase3."))
         {
             tensors.insert(k, v);
+        }
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        for name in names {
+            let t = &tensors[name];
+            let probe = t
+                .affine(0.0, 0.0)?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            if probe != 0.0 {
+                return Err(TrainError::Checkpoint {
+                    path: path.display().to_string(),
+                    message: format!(
+                        "not written: '{name}' holds NaN or infinite values (the previous checkpoint, if any, is intact)"
+                    ),
+                });
+            }
         }
         let state = TrainState {
             step: self.step,
@@ -609,6 +685,25 @@ impl Trainer {
                 ))
             })?)
             .map_err(|e| bad(format!("'{META_TRAIN_STATE}' is not valid: {e}")))?;
+        // The configuration must fit the tensors the file holds before anything is built, so
+        // that a corrupt configuration cannot ask for more memory than the file's own tensors.
+        state
+            .config
+            .model
+            .validate()
+            .map_err(|e| bad(format!("'{META_TRAIN_STATE}': {e}")))?;
+        for (key, shape) in state.config.model.state_dict_shapes()? {
+            match ckpt.tensors.get(&key) {
+                None => return Err(bad(format!("missing tensor '{key}'"))),
+                Some(t) if t.dims() != shape.as_slice() => {
+                    return Err(bad(format!(
+                        "tensor '{key}' has shape {:?}, the configuration in '{META_TRAIN_STATE}' needs {shape:?}",
+                        t.dims()
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
         let mut trainer = Self::build(state.config, images, device)?;
         {
             let data = trainer.varmap.data().lock().expect("varmap lock");

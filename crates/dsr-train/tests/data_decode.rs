@@ -233,10 +233,11 @@ fn masks_are_binarised_and_resized_with_nearest() {
     ImageBuffer::from_pixel(4, 4, Luma([9u8]))
         .save(&image)
         .unwrap();
-    // Values 0, 1 and 255: everything above zero is anomalous.
+    // Values 0, 127, 128 and 255: anomalous from half the full scale (128 of 255) up, so that
+    // the compression noise of a JPEG mask and the grey rim of an antialiased one do not count.
     let mask = dir.path("img_mask.png");
     ImageBuffer::from_fn(4, 4, |x, y| {
-        Luma([[0u8, 1, 255, 0][((x + y) % 4) as usize]])
+        Luma([[0u8, 128, 255, 127][((x + y) % 4) as usize]])
     })
     .save(&mask)
     .unwrap();
@@ -266,7 +267,46 @@ fn masks_are_binarised_and_resized_with_nearest() {
     .unwrap();
     assert_eq!(half.mask.unwrap(), vec![0.0, 1.0, 1.0, 0.0]);
 
-    // A 16-bit mask with a small value counts as anomalous too.
+    // A 0/1 label image (largest value 1) marks its ones, in 8 and in 16 bits.
+    let label = dir.path("label_mask.png");
+    ImageBuffer::from_fn(4, 1, |x, _| Luma([(x % 2) as u8]))
+        .save(&label)
+        .unwrap();
+    let label_image = dir.path("label.png");
+    ImageBuffer::from_pixel(4, 1, Luma([9u8]))
+        .save(&label_image)
+        .unwrap();
+    let s = load_sample(
+        &entry(label_image, Some(label), true),
+        &LoadConfig::new(1, 4),
+        true,
+    )
+    .unwrap();
+    assert_eq!(s.mask.unwrap(), vec![0.0, 1.0, 0.0, 1.0]);
+    // An RGB mask counts its brightest channel; a JPEG-like noisy mask keeps only its defect.
+    let noisy = dir.path("noisy_mask.png");
+    ImageBuffer::from_fn(4, 1, |x, _| {
+        Rgb([
+            [3u8, 0, 250, 90][x as usize],
+            0,
+            [0u8, 200, 0, 9][x as usize],
+        ])
+    })
+    .save(&noisy)
+    .unwrap();
+    let noisy_image = dir.path("noisy.png");
+    ImageBuffer::from_pixel(4, 1, Luma([9u8]))
+        .save(&noisy_image)
+        .unwrap();
+    let s = load_sample(
+        &entry(noisy_image, Some(noisy), true),
+        &LoadConfig::new(1, 4),
+        true,
+    )
+    .unwrap();
+    assert_eq!(s.mask.unwrap(), vec![0.0, 1.0, 1.0, 0.0]);
+
+    // A 16-bit 0/1 label image too.
     let image16 = dir.path("b.png");
     ImageBuffer::from_pixel(2, 1, Luma([9u8]))
         .save(&image16)
