@@ -17,7 +17,7 @@
 //! Only f32 tensors on the CPU take this path; every other device or dtype uses candle's own
 //! operator, so results are the same everywhere up to rounding.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The largest patch matrix (in bytes) built at once; larger batches are processed in groups of
@@ -362,19 +362,43 @@ fn conv2d_limited(
         })?;
         return add_bias(ys, bias);
     }
-    // The product is computed outside the autograd graph and attached by `ConvGrad`, whose
-    // backward rebuilds the patch matrices group by group: training then keeps only the input and
-    // the weight of each convolution alive (as PyTorch does), not its patch matrix (9× the input
-    // for a 3×3 kernel; at 256×256 that made a phase-2 step need more than 23 GB).
-    let (xd, wd) = (xs.detach(), wmat.detach());
-    let ys = in_groups(&xd, per_image, limit, |chunk| {
-        let m = chunk.dim(0)?;
-        wd.broadcast_left(m)?
-            .matmul(&chunk.apply_op1(Im2Col(g))?)?
-            .reshape((m, co, g.oh, g.ow))
-    })?;
-    let ys = xs.apply_op3(&wmat, &ys, ConvGrad::new(Kind::Conv, g, limit))?;
+    // One autograd node whose backward rebuilds the patch matrices group by group: training then
+    // keeps only the input and the weight of each convolution alive (as PyTorch does), not its
+    // patch matrix (9× the input for a 3×3 kernel; at 256×256 that made a phase-2 step need more
+    // than 23 GB).
+    let ys = xs.apply_op2(&wmat, ConvOp::new(Kind::Conv, g, limit))?;
     add_bias(ys, bias)
+}
+
+/// The product of [`ConvOp`] on plain (graph-free) tensors.
+fn conv_product(
+    kind: Kind,
+    g: Geometry,
+    limit: usize,
+    xs: &Tensor,
+    wmat: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let per_image = g.rows() * g.cols() * 4;
+    match kind {
+        Kind::Conv => {
+            let (co, _) = wmat.dims2()?;
+            in_groups(xs, per_image, limit, |chunk| {
+                let m = chunk.dim(0)?;
+                wmat.broadcast_left(m)?
+                    .matmul(&chunk.apply_op1(Im2Col(g))?)?
+                    .reshape((m, co, g.oh, g.ow))
+            })
+        }
+        Kind::Transposed => {
+            let (_, ci, h, w) = xs.dims4()?;
+            in_groups(xs, per_image, limit, |chunk| {
+                let m = chunk.dim(0)?;
+                wmat.broadcast_left(m)?
+                    .matmul(&chunk.reshape((m, ci, h * w))?)?
+                    .apply_op1(Col2Im(g))
+            })
+        }
+    }
 }
 
 /// Which product [`ConvGrad`] differentiates.
@@ -386,51 +410,55 @@ enum Kind {
     Transposed,
 }
 
-/// Attaches the gradients of a convolution whose output was computed without a graph.
+/// A convolution (or transposed convolution) of `x` with the weight matrix `W` as one autograd
+/// node.
 ///
-/// Forward: `(x, W, y) ↦ y` (a copy). Backward: the gradients of `x` and `W` of the product
-/// described by [`Kind`], with the patch matrices rebuilt from `x` (or from the incoming
-/// gradient) in groups of whole images bounded by `limit` bytes. The weight gradient adds the
-/// images' contributions one by one in batch order, so grouping does not change a single bit.
+/// Forward: the product described by [`Kind`], computed group by group ([`conv_product`]).
+/// Backward: the gradients of `x` and `W`, with the patch matrices rebuilt from `x` (or from the
+/// incoming gradient) in groups of whole images bounded by `limit` bytes. The weight gradient
+/// adds the images' contributions one by one in batch order, so grouping does not change a
+/// single bit.
 #[derive(Debug, Clone, Copy)]
-struct ConvGrad {
+struct ConvOp {
     kind: Kind,
     g: Geometry,
     limit: usize,
 }
 
-impl ConvGrad {
+impl ConvOp {
     fn new(kind: Kind, g: Geometry, limit: usize) -> Self {
         Self { kind, g, limit }
     }
 }
 
-impl CustomOp3 for ConvGrad {
+impl CustomOp2 for ConvOp {
     fn name(&self) -> &'static str {
-        "conv-grad"
+        "conv-im2col"
     }
 
     fn cpu_fwd(
         &self,
-        _s1: &CpuStorage,
-        _l1: &Layout,
-        _s2: &CpuStorage,
-        _l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let ys = f32_data(s3, l3, "conv-grad")?;
-        Ok((CpuStorage::F32(ys.to_vec()), l3.shape().clone()))
+        // Plain tensors over copies of the operands (transient; the graph keeps only `x`, `W`
+        // and the result).
+        let xs = Tensor::from_slice(f32_data(s1, l1, "conv")?, l1.shape(), &Device::Cpu)?;
+        let wmat = Tensor::from_slice(f32_data(s2, l2, "conv")?, l2.shape(), &Device::Cpu)?;
+        let ys = conv_product(self.kind, self.g, self.limit, &xs, &wmat)?;
+        let shape = ys.shape().clone();
+        Ok((CpuStorage::F32(ys.flatten_all()?.to_vec1::<f32>()?), shape))
     }
 
     fn bwd(
         &self,
         xs: &Tensor,
         wmat: &Tensor,
-        _ys: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (xs, wmat, grad) = (
             xs.detach().contiguous()?,
             wmat.detach(),
@@ -485,7 +513,7 @@ impl CustomOp3 for ConvGrad {
                 }
             }
         }
-        Ok((Some(Tensor::cat(&grad_x, 0)?), grad_w, None))
+        Ok((Some(Tensor::cat(&grad_x, 0)?), grad_w))
     }
 }
 
@@ -538,17 +566,9 @@ fn conv_transpose2d_limited(
     debug_assert_eq!((g.oh, g.ow), (h, w));
     let wmat = weight.reshape((ci, g.rows()))?.t()?.contiguous()?;
     let xs = xs.contiguous()?;
-    let per_image = g.rows() * g.cols() * 4;
-    // As in `conv2d`: computed outside the graph, the gradients attached by `ConvGrad`, so that
-    // the `[rows, h·w]` products do not stay alive until the backward.
-    let (xd, wd) = (xs.detach(), wmat.detach());
-    let ys = in_groups(&xd, per_image, limit, |chunk| {
-        let m = chunk.dim(0)?;
-        wd.broadcast_left(m)?
-            .matmul(&chunk.reshape((m, ci, h * w))?)?
-            .apply_op1(Col2Im(g))
-    })?;
-    let ys = xs.apply_op3(&wmat, &ys, ConvGrad::new(Kind::Transposed, g, limit))?;
+    // As in `conv2d`: one autograd node, so that the `[rows, h·w]` products do not stay alive
+    // until the backward.
+    let ys = xs.apply_op2(&wmat, ConvOp::new(Kind::Transposed, g, limit))?;
     add_bias(ys, bias)
 }
 

@@ -141,6 +141,61 @@ pub fn instance_norm(xs: &Tensor) -> candle_core::Result<Tensor> {
     ys.reshape((n, c, h, w))
 }
 
+/// `relu(instance_norm(x))` as one operator on the CPU: the same arithmetic as
+/// [`instance_norm`] followed by a ReLU, but only the input and the output stay alive for the
+/// backward (three tensors otherwise). The ReLU's gradient passes where the output is positive,
+/// as PyTorch's does.
+pub fn instance_norm_relu(xs: &Tensor) -> candle_core::Result<Tensor> {
+    if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+        return xs.contiguous()?.apply_op1(InstanceNormRelu);
+    }
+    instance_norm(xs)?.relu()
+}
+
+/// The fused CPU operator of [`instance_norm_relu`].
+#[derive(Debug, Clone, Copy)]
+struct InstanceNormRelu;
+
+impl CustomOp1 for InstanceNormRelu {
+    fn name(&self) -> &'static str {
+        "instance-norm-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = layout.shape().dims4()?;
+        let src = contiguous_f32(storage, layout)?;
+        let hw = h * w;
+        let mut dst = vec![0f32; n * c * hw];
+        dst.par_chunks_mut(hw)
+            .zip(src.par_chunks(hw))
+            .for_each(|(out, plane)| {
+                let (mean, invstd) = plane_stats(plane);
+                let beta = -(mean * invstd);
+                for (o, &x) in out.iter_mut().zip(plane) {
+                    *o = ((x as f64 * invstd as f64 + beta as f64) as f32).max(0.0);
+                }
+            });
+        Ok((CpuStorage::F32(dst), Shape::from((n, c, h, w))))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let passed = (grad_res * res.gt(0f32)?.to_dtype(DType::F32)?)?;
+        Ok(Some(arg.apply_op2_no_bwd(
+            &passed.contiguous()?,
+            &InstanceNormGrad,
+        )?))
+    }
+}
+
 /// Mean and inverse standard deviation of one plane, computed as PyTorch's CPU batch-norm
 /// statistics kernel does for f32 inputs.
 fn plane_stats(plane: &[f32]) -> (f32, f32) {
@@ -268,7 +323,7 @@ impl ConvNormRelu {
 
 impl Module for ConvNormRelu {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        instance_norm(&xs.apply(&self.conv)?)?.relu()
+        instance_norm_relu(&xs.apply(&self.conv)?)
     }
 }
 

@@ -5,8 +5,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use dsr_core::anomaly::{Randomness, SeededRandomness};
 use dsr_core::layers::{
-    instance_norm, max_pool2x2, upsample_bilinear, upsample_bilinear2x, upsample_bilinear_matmul,
-    upsample_nearest,
+    instance_norm, instance_norm_relu, max_pool2x2, upsample_bilinear, upsample_bilinear2x,
+    upsample_bilinear_matmul, upsample_nearest,
 };
 use dsr_core::quantizer::EmaConfig;
 use dsr_core::VectorQuantizer;
@@ -291,4 +291,44 @@ fn instance_norm_gradient_matches_the_composite_form() {
         .to_scalar()
         .unwrap();
     assert!(d < 1e-5, "{d}");
+}
+
+#[test]
+fn fused_instance_norm_relu_equals_the_two_operators() {
+    // Same output bits, and the same input gradient as instance norm followed by a ReLU whose
+    // gradient passes where the output is positive (PyTorch's rule).
+    let x = random(&[2, 3, 7, 5], 21);
+    let r = random(&[2, 3, 7, 5], 22);
+    let xa = Var::from_tensor(&x).unwrap();
+    let fused = instance_norm_relu(xa.as_tensor()).unwrap();
+    let xb = Var::from_tensor(&x).unwrap();
+    let normed = instance_norm(xb.as_tensor()).unwrap();
+    let composite = normed.relu().unwrap();
+    assert_eq!(max_diff(&fused, &composite), 0.0);
+    let ga = (&fused * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gb = (&composite * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let a = ga.get(xa.as_tensor()).unwrap();
+    let b = gb.get(xb.as_tensor()).unwrap();
+    assert!(max_diff(a, b) <= 1e-6, "{}", max_diff(a, b));
+    // Some outputs are clipped, so the mask matters.
+    let zeros: f32 = fused
+        .eq(0f32)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(zeros > 10.0);
 }
