@@ -5,14 +5,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use dsr_train::data::{Entry, MvtecDataset};
+use dsr_train::data::{Entry, MvtecDataset, DEFAULT_MAX_PIXELS};
 use dsr_train::metrics::{metrics_per_defect_type, EvalCurves, EvalSet, Metrics, GOOD_DEFECT_TYPE};
 use dsr_train::postprocess::PostProcessor;
 use serde::Serialize;
 
-use crate::io::{load_image, load_mask, write_file};
+use crate::io::{load_image_limited, load_mask, write_file};
 use crate::model::LoadedModel;
 use crate::report;
+use crate::OnError;
 
 /// The options of `dsr test`.
 pub struct TestArgs {
@@ -26,6 +27,34 @@ pub struct TestArgs {
     pub out: PathBuf,
     /// Images per forward pass.
     pub batch: usize,
+    /// What to do with an image or mask that cannot be read, and the pixel limit.
+    pub options: EvalOptions,
+}
+
+/// How `dsr test` treats unreadable inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalOptions {
+    /// Stop at the first unreadable image or mask, or leave the sample out and report it.
+    pub on_error: OnError,
+    /// Images and masks with more pixels than this (from their header) are refused.
+    pub max_pixels: u64,
+}
+
+impl Default for EvalOptions {
+    /// Stop at the first bad file; the default pixel limit.
+    fn default() -> Self {
+        Self {
+            on_error: OnError::Fail,
+            max_pixels: DEFAULT_MAX_PIXELS,
+        }
+    }
+}
+
+/// A test sample left out under `--on-error skip`.
+#[derive(Serialize)]
+struct SkippedSample {
+    path: String,
+    error: String,
 }
 
 /// One test image with its ground truth.
@@ -80,6 +109,7 @@ struct MetricsFile<'a> {
     postprocess: PostProcessor,
     overall: &'a Metrics,
     per_defect_type: &'a BTreeMap<String, Metrics>,
+    skipped: &'a [SkippedSample],
 }
 
 /// Everything the report needs about the evaluated set.
@@ -102,17 +132,45 @@ pub fn run(args: &TestArgs) -> Result<()> {
         bail!("--batch must be at least 1");
     }
     let (root, samples) = scan_test_split(&args.data, args.category.as_deref())?;
-    evaluate_samples(&args.model, &root, samples, &args.out, args.batch)
+    evaluate_samples_with(
+        &args.model,
+        &root,
+        samples,
+        &args.out,
+        args.batch,
+        &args.options,
+    )
 }
 
 /// Evaluates the model in `model_path` on `samples` of the data set `root`; prints the table and
-/// writes `<out>/metrics.json` and `<out>/report.html`.
+/// writes `<out>/metrics.json` and `<out>/report.html`. The first unreadable file stops it.
 pub fn evaluate_samples(
     model_path: &Path,
     root: &Path,
     samples: Vec<Sample>,
     out: &Path,
     batch: usize,
+) -> Result<()> {
+    evaluate_samples_with(
+        model_path,
+        root,
+        samples,
+        out,
+        batch,
+        &EvalOptions::default(),
+    )
+}
+
+/// [`evaluate_samples`] with a policy for unreadable images and masks: under
+/// [`OnError::Skip`] such a sample is reported on stderr, left out of every metric and listed
+/// under `skipped` in `metrics.json`.
+pub fn evaluate_samples_with(
+    model_path: &Path,
+    root: &Path,
+    samples: Vec<Sample>,
+    out: &Path,
+    batch: usize,
+    options: &EvalOptions,
 ) -> Result<()> {
     if batch == 0 {
         bail!("--batch must be at least 1");
@@ -125,23 +183,59 @@ pub fn evaluate_samples(
         labels: Vec::with_capacity(samples.len()),
         maps: Vec::with_capacity(samples.len() * pixels),
         masks: Vec::with_capacity(samples.len() * pixels),
-        samples,
+        samples: Vec::with_capacity(samples.len()),
     };
-    for chunk in ev.samples.chunks(batch) {
-        let mut images = Vec::with_capacity(chunk.len());
-        for s in chunk {
-            images.push(load_image(&s.path, size)?);
-            match &s.mask {
-                Some(m) => ev.masks.extend(load_mask(m, size)?),
-                None => ev.masks.extend(std::iter::repeat_n(false, pixels)),
+    let mut skipped = Vec::new();
+    let mut samples = samples.into_iter().peekable();
+    while samples.peek().is_some() {
+        let mut images = Vec::with_capacity(batch);
+        for s in samples.by_ref().take(batch) {
+            let loaded = load_image_limited(&s.path, size, options.max_pixels).and_then(|img| {
+                let mask = match &s.mask {
+                    Some(m) => load_mask(m, size, options.max_pixels)
+                        .with_context(|| format!("the mask of {}", s.path.display()))?,
+                    None => vec![false; pixels],
+                };
+                Ok((img, mask))
+            });
+            match loaded {
+                Ok((img, mask)) => {
+                    images.push(img);
+                    ev.masks.extend(mask);
+                    ev.labels.push(s.defect_type != GOOD_DEFECT_TYPE);
+                    ev.samples.push(s);
+                }
+                Err(e) if options.on_error == OnError::Skip => {
+                    eprintln!("skipping {}: {e:#}", s.path.display());
+                    skipped.push(SkippedSample {
+                        path: s.path.display().to_string(),
+                        error: format!("{e:#}"),
+                    });
+                }
+                Err(e) => return Err(e),
             }
-            ev.labels.push(s.defect_type != GOOD_DEFECT_TYPE);
+        }
+        if images.is_empty() {
+            continue;
         }
         let inputs: Vec<&[f32]> = images.iter().map(|i| i.chw.as_slice()).collect();
         for p in model.predict(&inputs)? {
             ev.scores.push(p.score);
             ev.maps.extend(p.map);
         }
+    }
+    if ev.samples.is_empty() {
+        bail!(
+            "none of the {} test images of {} could be read",
+            skipped.len(),
+            root.display()
+        );
+    }
+    if !skipped.is_empty() {
+        println!(
+            "{} test image(s) skipped (see `skipped` in metrics.json)",
+            skipped.len()
+        );
     }
     let set = EvalSet::new(
         &ev.scores, &ev.labels, &ev.maps, &ev.masks, size[0], size[1],
@@ -177,6 +271,7 @@ pub fn evaluate_samples(
         postprocess: post,
         overall: &overall,
         per_defect_type: &per_type,
+        skipped: &skipped,
     };
     let metrics_path = out.join("metrics.json");
     write_file(

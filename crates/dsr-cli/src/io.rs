@@ -19,9 +19,16 @@ pub struct ModelImage {
 }
 
 /// Decodes `path` (any channel count or bit depth) and resizes it to `size` = `[height, width]`
-/// as dsr-train's data module does; an image already at that size is used as is.
+/// as dsr-train's data module does; an image already at that size is used as is. Images of more
+/// than [`DEFAULT_MAX_PIXELS`] pixels are refused from their header.
 pub fn load_image(path: &Path, size: [usize; 2]) -> Result<ModelImage> {
-    let img = decode_checked(path, DEFAULT_MAX_PIXELS)?;
+    load_image_limited(path, size, DEFAULT_MAX_PIXELS)
+}
+
+/// [`load_image`] with another pixel limit: an image of more than `max_pixels` pixels (width ×
+/// height, read from its header) is refused before it is decoded.
+pub fn load_image_limited(path: &Path, size: [usize; 2], max_pixels: u64) -> Result<ModelImage> {
+    let img = decode_checked(path, max_pixels)?;
     let original_size = [img.height() as usize, img.width() as usize];
     let chw = image_to_chw(&img, size[0] as u32, size[1] as u32);
     let plane = size[0] * size[1];
@@ -38,10 +45,11 @@ pub fn load_image(path: &Path, size: [usize; 2]) -> Result<ModelImage> {
     })
 }
 
-/// Reads a ground-truth mask at `size` (nearest-neighbour; a pixel is defective where any channel
-/// is above zero, as dsr-train's data module decides).
-pub fn load_mask(path: &Path, size: [usize; 2]) -> Result<Vec<bool>> {
-    let img = decode_checked(path, DEFAULT_MAX_PIXELS).context("reading a ground-truth mask")?;
+/// Reads a ground-truth mask at `size` (nearest-neighbour; binarised as dsr-train's data module
+/// does: defective where the brightest channel reaches half the full scale, or where a 0/1 label
+/// image holds 1). Masks of more than `max_pixels` pixels are refused from their header.
+pub fn load_mask(path: &Path, size: [usize; 2], max_pixels: u64) -> Result<Vec<bool>> {
+    let img = decode_checked(path, max_pixels).context("reading a ground-truth mask")?;
     Ok(mask_to_binary(&img, size[0] as u32, size[1] as u32)
         .into_iter()
         .map(|v| v > 0.5)

@@ -43,6 +43,8 @@ pub enum OnError {
     Fail,
 }
 
+// Parsed once per process: the size of the largest variant (train's many options) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Describe a weight file: configuration, image size, thresholds, tensor and element counts,
@@ -100,6 +102,15 @@ enum Command {
         /// Images per forward pass.
         #[arg(long, value_name = "N", default_value_t = 8)]
         batch: usize,
+        /// Continue an interrupted run into the same --out: images whose .png and .npy are
+        /// already there and complete (and recorded in <OUT>/predictions.jsonl) are not predicted
+        /// again, and the tables cover every image.
+        #[arg(long)]
+        resume: bool,
+        /// Refuse images of more pixels than this (width × height, read from the file header
+        /// before decoding).
+        #[arg(long, value_name = "N", default_value_t = dsr_train::data::DEFAULT_MAX_PIXELS)]
+        max_pixels: u64,
     },
     /// Evaluate on the test split of an MVTec-style folder (<data>/train/good/, <data>/test/<defect>/,
     /// <data>/ground_truth/<defect>/<stem>_mask.png): image AUROC and AP, pixel AUROC and AP,
@@ -126,6 +137,14 @@ enum Command {
         /// Images per forward pass.
         #[arg(long, value_name = "N", default_value_t = 8)]
         batch: usize,
+        /// What to do with a test image or mask that cannot be read: stop (fail), or leave the
+        /// sample out of the metrics and list it under `skipped` in metrics.json (skip).
+        #[arg(long, value_enum, default_value_t = OnError::Fail)]
+        on_error: OnError,
+        /// Refuse images and masks of more pixels than this (width × height, read from the file
+        /// header before decoding).
+        #[arg(long, value_name = "N", default_value_t = dsr_train::data::DEFAULT_MAX_PIXELS)]
+        max_pixels: u64,
     },
     /// Train DSR (phases 2 and 3, after phase 1 or with pretrained discrete weights) on an
     /// MVTec-style folder, then test it.
@@ -360,6 +379,8 @@ fn main() -> ExitCode {
             raw,
             on_error,
             batch,
+            resume,
+            max_pixels,
         } => predict::run(&predict::PredictArgs {
             model,
             inputs: paths,
@@ -367,6 +388,8 @@ fn main() -> ExitCode {
             raw,
             on_error,
             batch,
+            resume,
+            max_pixels,
         }),
         Command::Test {
             model,
@@ -374,12 +397,18 @@ fn main() -> ExitCode {
             category,
             out,
             batch,
+            on_error,
+            max_pixels,
         } => evaluate::run(&evaluate::TestArgs {
             model,
             data,
             category,
             out,
             batch,
+            options: evaluate::EvalOptions {
+                on_error,
+                max_pixels,
+            },
         }),
         Command::Train {
             config,

@@ -1,12 +1,18 @@
 //! `dsr predict`: anomaly maps, scores and overlays for a list of images.
+//!
+//! Every output file is written atomically, and each finished image is recorded as one line of
+//! `<out>/predictions.jsonl` (after its `.png` and `.npy`), so that `--resume` after an
+//! interruption (even `kill -9`) skips the images whose outputs are complete and writes tables
+//! that cover every image.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::io::{load_image, npy_bytes, png_bytes, write_file, ModelImage};
+use crate::io::{load_image_limited, npy_bytes, png_bytes, write_file, ModelImage};
 use crate::model::LoadedModel;
 use crate::render::{draw_contours, draw_text, heat_overlay};
 use crate::OnError;
@@ -26,9 +32,16 @@ pub struct PredictArgs {
     pub on_error: OnError,
     /// Images per forward pass.
     pub batch: usize,
+    /// Skip the images whose outputs a previous run into `out` completed.
+    pub resume: bool,
+    /// The pixel limit checked from each image's header.
+    pub max_pixels: u64,
 }
 
-#[derive(Serialize)]
+/// The journal of finished images inside the output folder.
+pub const JOURNAL: &str = "predictions.jsonl";
+
+#[derive(Serialize, Deserialize, Clone, PartialEq, Debug)]
 struct Row {
     path: String,
     overlay: String,
@@ -36,7 +49,100 @@ struct Row {
     original_size: [usize; 2],
     score: f32,
     normalized_score: Option<f32>,
-    label: &'static str,
+    label: String,
+}
+
+/// The first line of the journal: what the outputs depend on besides the image.
+#[derive(Serialize, Deserialize, PartialEq, Debug)]
+struct JournalHeader {
+    model_bytes: u64,
+    model_fnv64: String,
+    raw: bool,
+}
+
+/// A journal line of one finished image.
+#[derive(Serialize, Deserialize)]
+struct Done {
+    stem: String,
+    row: Row,
+}
+
+/// FNV-1a (64 bits) of a file: identifies the model a folder of outputs was made with.
+fn fingerprint(path: &Path) -> Result<(u64, String)> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in &bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    Ok((bytes.len() as u64, format!("{h:016x}")))
+}
+
+/// Whether `path` is a complete `.npy` of a `h`×`w` float32 map as [`npy_bytes`] writes it.
+fn npy_complete(path: &Path, h: usize, w: usize) -> bool {
+    let Ok(bytes) = std::fs::read(path) else {
+        return false;
+    };
+    if bytes.len() < 10 || &bytes[..8] != b"\x93NUMPY\x01\x00" {
+        return false;
+    }
+    let header = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let shape = format!("'shape': ({h}, {w})");
+    bytes.len() == 10 + header + 4 * h * w
+        && std::str::from_utf8(&bytes[10..10 + header]).is_ok_and(|t| t.contains(&shape))
+}
+
+/// Whether `path` is a PNG that ends with its IEND chunk.
+fn png_complete(path: &Path) -> bool {
+    const IEND: [u8; 12] = [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xae, 0x42, 0x60, 0x82];
+    std::fs::read(path).is_ok_and(|b| b.starts_with(b"\x89PNG\r\n\x1a\n") && b.ends_with(&IEND))
+}
+
+/// Removes the temporary files an interrupted run left for the outputs named in `names`.
+fn remove_stale_temporaries(out: &Path, names: &HashSet<String>) {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if !file.starts_with('.') {
+            continue;
+        }
+        let base = file
+            .trim_start_matches('.')
+            .rsplitn(4, '.')
+            .nth(3)
+            .map(str::to_string);
+        if let Some(base) = base {
+            if names.contains(&base) && dsr_core::weights::is_temp_file_of(&file, &base) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// The journal of a previous run into `out`: its finished images by stem, when its header
+/// matches `header`. A header of another model or `--raw` setting is an error.
+fn read_journal(path: &Path, header: &JournalHeader) -> Result<HashMap<String, Row>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut lines = text.lines();
+    match lines.next().map(serde_json::from_str::<JournalHeader>) {
+        Some(Ok(h)) if &h == header => {}
+        Some(Ok(_)) => bail!(
+            "{} was written with another model or --raw setting; predict into another --out, or run without --resume to start over",
+            path.display()
+        ),
+        // A journal cut before its first line ended: nothing was finished.
+        _ => return Ok(HashMap::new()),
+    }
+    // A last line cut by the interruption does not parse and is ignored.
+    Ok(lines
+        .filter_map(|l| serde_json::from_str::<Done>(l).ok())
+        .map(|d| (d.stem, d.row))
+        .collect())
 }
 
 #[derive(Serialize)]
@@ -158,13 +264,76 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         "no post-processor in the checkpoint: raw score and map value > 0.5"
     };
     let [h, w] = model.size;
-    let mut rows = Vec::new();
+    // Output names depend on the input list only, so that a resumed run names every image as
+    // the interrupted one did.
     let mut used = HashSet::new();
-    for chunk in files.chunks(args.batch) {
-        let mut loaded: Vec<(&PathBuf, ModelImage)> = Vec::new();
-        for path in chunk {
-            match load_image(path, model.size) {
-                Ok(img) => loaded.push((path, img)),
+    let stems: Vec<String> = files.iter().map(|p| unique_stem(p, &mut used)).collect();
+    let mut names: HashSet<String> = stems
+        .iter()
+        .flat_map(|s| [format!("{s}.png"), format!("{s}.npy")])
+        .collect();
+    names.extend(
+        ["predictions.csv", "predictions.json", JOURNAL]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    remove_stale_temporaries(&args.out, &names);
+
+    let (model_bytes, model_fnv64) = fingerprint(&args.model)?;
+    let header = JournalHeader {
+        model_bytes,
+        model_fnv64,
+        raw: raw_maps,
+    };
+    let journal_path = args.out.join(JOURNAL);
+    let previous = if args.resume {
+        read_journal(&journal_path, &header)?
+    } else {
+        HashMap::new()
+    };
+    let mut rows: Vec<Option<Row>> = vec![None; files.len()];
+    let mut reused = 0;
+    for (i, (path, stem)) in files.iter().zip(&stems).enumerate() {
+        if let Some(row) = previous.get(stem) {
+            if row.path == path.display().to_string()
+                && png_complete(&args.out.join(format!("{stem}.png")))
+                && npy_complete(&args.out.join(format!("{stem}.npy")), h, w)
+            {
+                rows[i] = Some(row.clone());
+                reused += 1;
+            }
+        }
+    }
+    // The journal is rewritten with what is kept, then appended to image by image.
+    let mut journal_text = serde_json::to_string(&header)? + "\n";
+    for (row, stem) in rows.iter().zip(&stems) {
+        if let Some(row) = row {
+            journal_text += &(serde_json::to_string(&Done {
+                stem: stem.clone(),
+                row: row.clone(),
+            })? + "\n");
+        }
+    }
+    write_file(&journal_path, journal_text.as_bytes())?;
+    let mut journal = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&journal_path)
+        .with_context(|| format!("cannot open {}", journal_path.display()))?;
+    if args.resume {
+        println!(
+            "resuming: {reused} of {} image(s) already done in {}",
+            files.len(),
+            args.out.display()
+        );
+    }
+
+    let todo: Vec<usize> = (0..files.len()).filter(|&i| rows[i].is_none()).collect();
+    for chunk in todo.chunks(args.batch) {
+        let mut loaded: Vec<(usize, ModelImage)> = Vec::new();
+        for &i in chunk {
+            let path = &files[i];
+            match load_image_limited(path, model.size, args.max_pixels) {
+                Ok(img) => loaded.push((i, img)),
                 Err(e) => {
                     if args.on_error == OnError::Fail {
                         return Err(e);
@@ -182,8 +351,8 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         }
         let inputs: Vec<&[f32]> = loaded.iter().map(|(_, img)| img.chw.as_slice()).collect();
         let predictions = model.predict(&inputs)?;
-        for ((path, img), pred) in loaded.iter().zip(predictions) {
-            let stem = unique_stem(path, &mut used);
+        for ((i, img), pred) in loaded.iter().zip(predictions) {
+            let (path, stem) = (&files[*i], &stems[*i]);
             let shown = model.display_map(&pred.map);
             let mut overlay = heat_overlay(&img.rgb, &shown);
             draw_contours(&mut overlay, &model.pixel_mask(&pred.map), [255, 0, 0]);
@@ -202,17 +371,28 @@ pub fn run(args: &PredictArgs) -> Result<()> {
             let npy_path = args.out.join(format!("{stem}.npy"));
             let values = if raw_maps { &pred.map } else { &shown };
             write_file(&npy_path, &npy_bytes(values, h, w))?;
-            rows.push(Row {
+            let row = Row {
                 path: path.display().to_string(),
                 overlay: png_path.display().to_string(),
                 map: npy_path.display().to_string(),
                 original_size: img.original_size,
                 score: pred.score,
                 normalized_score,
-                label,
-            });
+                label: label.to_string(),
+            };
+            // One write per line: an interruption loses at most this line, and the image is
+            // then predicted again.
+            let line = serde_json::to_string(&Done {
+                stem: stem.clone(),
+                row: row.clone(),
+            })? + "\n";
+            journal
+                .write_all(line.as_bytes())
+                .with_context(|| format!("cannot write {}", journal_path.display()))?;
+            rows[*i] = Some(row);
         }
     }
+    let rows: Vec<Row> = rows.into_iter().flatten().collect();
     let mut csv = String::from("path,score,normalized_score,label,map_values,overlay,map\n");
     for r in &rows {
         csv.push_str(&format!(
