@@ -143,9 +143,26 @@ impl PostProcessor {
         serde_json::to_string(self).map_err(|e| MetricsError::Json(e.to_string()))
     }
 
-    /// Reads a post-processor from the JSON stored under [`METADATA_KEY`].
+    /// Reads a post-processor from the JSON stored under [`METADATA_KEY`]; every value must be a
+    /// finite number (a number too large for f32 would become infinite).
     pub fn from_json(json: &str) -> Result<Self> {
-        serde_json::from_str(json).map_err(|e| MetricsError::Json(e.to_string()))
+        let post: Self =
+            serde_json::from_str(json).map_err(|e| MetricsError::Json(e.to_string()))?;
+        for (name, v) in [
+            ("image_threshold", post.image_threshold),
+            ("pixel_threshold", post.pixel_threshold),
+            ("image_min", post.image_min),
+            ("image_max", post.image_max),
+            ("pixel_min", post.pixel_min),
+            ("pixel_max", post.pixel_max),
+        ] {
+            if !v.is_finite() {
+                return Err(MetricsError::Json(format!(
+                    "{name} is {v}, not a finite number"
+                )));
+            }
+        }
+        Ok(post)
     }
 }
 

@@ -137,12 +137,22 @@ pub fn fuzz<S: Strategy>(
     strategy: S,
     body: impl Fn(S::Value) -> Result<bool, TestCaseError>,
 ) {
+    fuzz_cases(name, cases(), strategy, body)
+}
+
+/// [`fuzz`] with a given number of cases (for targets much slower than the others).
+pub fn fuzz_cases<S: Strategy>(
+    name: &str,
+    cases: u32,
+    strategy: S,
+    body: impl Fn(S::Value) -> Result<bool, TestCaseError>,
+) {
     let seed = std::env::var("DSR_FUZZ_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let mut runner = TestRunner::new(Config {
-        cases: cases(),
+        cases,
         rng_seed: RngSeed::Fixed(seed),
         failure_persistence: None,
         max_shrink_iters: 2000,

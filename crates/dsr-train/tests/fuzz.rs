@@ -1,0 +1,341 @@
+//! Fuzzing with proptest of the image decoder path ([`decode_checked`], then the conversion to
+//! RGB and to a binary mask), the post-processor JSON (`dsr.postprocess`) and the training state
+//! (`dsr.train_state`, read by [`Trainer::resume`]): arbitrary and mutated inputs must give an
+//! error or a valid result, never a panic or an allocation above 256 MiB.
+//!
+//! `DSR_FUZZ_CASES=100000 cargo test -p dsr-train --test fuzz -- --nocapture` is the long run
+//! (see docs/reliability.md); by default 256 cases per target.
+
+mod mutate;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use dsr_augment::{ImageBatch, Recipe};
+use dsr_core::init::{init_seeded, InitScheme};
+use dsr_core::weights::{load_safetensors, save_checkpoint, Checkpoint};
+use dsr_core::{DsrConfig, DsrModel};
+use dsr_losses::FocalKind;
+use dsr_train::data::{decode_checked, image_to_chw, mask_to_binary};
+use dsr_train::optim::AdamConfig;
+use dsr_train::postprocess::PostProcessor;
+use dsr_train::train::{Schedule, TrainConfig, Trainer, META_TRAIN_STATE};
+use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, Rgb, Rgba};
+use mutate::{apply, cases, fuzz, fuzz_cases, mutations};
+use proptest::prelude::*;
+
+struct PeakAlloc;
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged.
+unsafe impl GlobalAlloc for PeakAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static ALLOC: PeakAlloc = PeakAlloc;
+
+const ALLOCATION_LIMIT: usize = 256 << 20;
+/// The pixel limit of the fuzzed decoder (4 megapixels keeps every legitimate decode small).
+const MAX_PIXELS: u64 = 4 << 20;
+
+fn no_large_allocation() -> Result<(), TestCaseError> {
+    let largest = LARGEST.load(Ordering::Relaxed);
+    prop_assert!(
+        largest <= ALLOCATION_LIMIT,
+        "an allocation of {largest} bytes"
+    );
+    Ok(())
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dsr-train-fuzz-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn encoded(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, format).unwrap();
+    out.into_inner()
+}
+
+/// Decodes `bytes` written to `path`; a decoded image must convert to RGB in [0, 1] and to a
+/// binary mask.
+fn check_image(path: &Path, bytes: &[u8]) -> Result<bool, TestCaseError> {
+    std::fs::write(path, bytes).unwrap();
+    let ok = match decode_checked(path, MAX_PIXELS) {
+        Ok(img) => {
+            prop_assert!(img.width() as u64 * img.height() as u64 <= MAX_PIXELS);
+            let rgb = image_to_chw(&img, 8, 8);
+            prop_assert!(rgb.iter().all(|v| (0.0..=1.0).contains(v)));
+            let mask = mask_to_binary(&img, 8, 8);
+            prop_assert!(mask.iter().all(|&v| v == 0.0 || v == 1.0));
+            true
+        }
+        Err(e) => {
+            let line = e.to_string();
+            prop_assert!(line.contains(&path.display().to_string()), "{line}");
+            prop_assert!(!line.contains('\n'), "{line}");
+            false
+        }
+    };
+    no_large_allocation()?;
+    Ok(ok)
+}
+
+#[test]
+fn image_decoder() {
+    let dir = scratch("images");
+    let rgb = DynamicImage::ImageRgb8(ImageBuffer::from_fn(16, 12, |x, y| {
+        Rgb([(x * 13) as u8, (y * 21) as u8, 99])
+    }));
+    let seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("png", encoded(&rgb, ImageFormat::Png)),
+        (
+            "png16",
+            encoded(
+                &DynamicImage::ImageLuma16(ImageBuffer::from_fn(9, 7, |x, _| {
+                    Luma([x as u16 * 999])
+                })),
+                ImageFormat::Png,
+            ),
+        ),
+        (
+            "rgba",
+            encoded(
+                &DynamicImage::ImageRgba8(ImageBuffer::from_pixel(5, 5, Rgba([1u8, 2, 3, 4]))),
+                ImageFormat::Png,
+            ),
+        ),
+        ("jpg", encoded(&rgb, ImageFormat::Jpeg)),
+        ("bmp", encoded(&rgb, ImageFormat::Bmp)),
+        ("tif", encoded(&rgb, ImageFormat::Tiff)),
+    ];
+    for (ext, seed) in &seeds {
+        let path = dir.join(format!("seed.{ext}"));
+        assert!(check_image(&path, seed).unwrap(), "the {ext} seed decodes");
+        // Headers hold the sizes: half the edits go to the first 64 bytes.
+        fuzz(&format!("image/mutated-{ext}"), mutations(), |edits| {
+            check_image(&path, &apply(seed, &edits, Some(0..64)))
+        });
+    }
+    let path = dir.join("arbitrary.png");
+    fuzz(
+        "image/arbitrary-bytes",
+        prop::collection::vec(any::<u8>(), 0..256),
+        |bytes| check_image(&path, &bytes),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn postprocess_json() {
+    let valid = PostProcessor {
+        image_threshold: 0.5,
+        pixel_threshold: 0.25,
+        image_min: 0.0,
+        image_max: 1.0,
+        pixel_min: -0.5,
+        pixel_max: 2.0,
+    }
+    .to_json()
+    .unwrap();
+    let strategy = prop_oneof![
+        prop::collection::vec(mutate::mutation(), 1..4).prop_map(move |edits| {
+            String::from_utf8_lossy(&apply(valid.as_bytes(), &edits, None)).into_owned()
+        }),
+        ".{0,80}",
+    ];
+    fuzz("metadata/dsr.postprocess", strategy, |json| {
+        let ok = match PostProcessor::from_json(&json) {
+            Ok(p) => {
+                for v in [-1e30f32, -1.0, 0.0, 0.5, 1.0, 1e30, f32::INFINITY] {
+                    let n = p.normalize_score(v);
+                    prop_assert!((0.0..=1.0).contains(&n), "{n}");
+                }
+                prop_assert!(p
+                    .normalize_map(&[0.0, 1.0])
+                    .iter()
+                    .all(|v| (0.0..=1.0).contains(v)));
+                true
+            }
+            Err(_) => false,
+        };
+        no_large_allocation()?;
+        Ok(ok)
+    });
+}
+
+fn train_config() -> TrainConfig {
+    TrainConfig {
+        model: DsrConfig::tiny(),
+        image_size: [64, 64],
+        batch_size: 2,
+        adam: AdamConfig::default(),
+        schedule: Schedule::Original {
+            phase2_steps: 2,
+            phase3_steps: 2,
+            lr_drop_fraction: 0.5,
+        },
+        focal: FocalKind::Original,
+        recipe: Recipe::Anomalib,
+        init: InitScheme::Pytorch,
+        seed: 1,
+    }
+}
+
+fn images() -> ImageBatch {
+    ImageBatch::new(2, 3, 64, 64, vec![0.5; 2 * 3 * 64 * 64]).unwrap()
+}
+
+/// The paths (object keys, array indices) of every number in `v`.
+fn number_paths(v: &serde_json::Value, at: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    match v {
+        serde_json::Value::Number(_) => out.push(at.clone()),
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                at.push(k.clone());
+                number_paths(x, at, out);
+                at.pop();
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                at.push(i.to_string());
+                number_paths(x, at, out);
+                at.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn train_state_metadata() {
+    let cfg = train_config();
+    let varmap = VarMap::new();
+    DsrModel::new(
+        &cfg.model,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    init_seeded(&varmap, 2, InitScheme::Pytorch, &["discrete_latent_model."]).unwrap();
+    let discrete = Checkpoint {
+        path: "discrete".into(),
+        tensors: varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.starts_with("discrete_latent_model."))
+            .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
+            .collect(),
+        config: Some(cfg.model),
+        image_size: None,
+        metadata: BTreeMap::new(),
+    };
+    let dir = scratch("state");
+    let seed_path = dir.join("seed.safetensors");
+    let mut t = Trainer::new(cfg.clone(), &discrete, images(), &Device::Cpu).unwrap();
+    t.train_step().unwrap();
+    t.save(&seed_path).unwrap();
+    let seed = load_safetensors(&seed_path).unwrap();
+    let state = seed.metadata[META_TRAIN_STATE].clone();
+    let tensors: HashMap<String, Tensor> = seed.tensors.clone();
+    let path = dir.join("fuzz.safetensors");
+    // Numbers of the state replaced by small, boundary or huge values (the structure stays
+    // valid, so these cases reach the checks behind the parser), byte mutations, arbitrary text.
+    let parsed: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let mut leaves = Vec::new();
+    number_paths(&parsed, &mut Vec::new(), &mut leaves);
+    let number = prop_oneof![
+        (0u64..10).prop_map(serde_json::Value::from),
+        (0u64..100_000).prop_map(serde_json::Value::from),
+        any::<u64>().prop_map(serde_json::Value::from),
+        (-5i64..0).prop_map(serde_json::Value::from),
+        (-1e3f64..1e3).prop_map(serde_json::Value::from),
+        Just(serde_json::Value::from(1e300)),
+    ];
+    let structured = prop::collection::vec((any::<prop::sample::Index>(), number), 1..4).prop_map(
+        move |edits| {
+            let mut v = parsed.clone();
+            for (i, value) in edits {
+                let path = &leaves[i.index(leaves.len())];
+                let mut node = &mut v;
+                for key in path {
+                    node = match node {
+                        serde_json::Value::Object(m) => m.get_mut(key).unwrap(),
+                        serde_json::Value::Array(a) => &mut a[key.parse::<usize>().unwrap()],
+                        _ => unreachable!(),
+                    };
+                }
+                *node = value;
+            }
+            v.to_string()
+        },
+    );
+    let strategy = prop_oneof![
+        4 => structured,
+        2 => prop::collection::vec(mutate::mutation(), 1..4).prop_map(move |edits| {
+            String::from_utf8_lossy(&apply(state.as_bytes(), &edits, None)).into_owned()
+        }),
+        1 => ".{0,80}",
+    ];
+    let write = |json: String| {
+        let mut extra = BTreeMap::new();
+        extra.insert(META_TRAIN_STATE.to_string(), json);
+        save_checkpoint(&path, &tensors, &cfg.model, Some([64, 64]), &extra).unwrap();
+    };
+    write(seed.metadata[META_TRAIN_STATE].clone());
+    assert_eq!(
+        Trainer::resume(&path, images(), &Device::Cpu)
+            .unwrap()
+            .step(),
+        1
+    );
+    // Each case writes a checkpoint and builds a trainer: a quarter of the cases of the others.
+    let n = (cases() / 4).max(16);
+    fuzz_cases("metadata/dsr.train_state", n, strategy, |json| {
+        write(json);
+        let ok = match Trainer::resume(&path, images(), &Device::Cpu) {
+            Ok(mut t) => {
+                // A state that loads can train on.
+                if !t.is_done() {
+                    let _ = t.train_step();
+                }
+                true
+            }
+            Err(e) => {
+                let line = e.to_string();
+                if std::env::var("DSR_FUZZ_DEBUG").is_ok() {
+                    println!("{line}");
+                }
+                prop_assert!(!line.is_empty());
+                false
+            }
+        };
+        no_large_allocation()?;
+        Ok(ok)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
