@@ -551,9 +551,20 @@ impl Progress {
     }
 }
 
+/// The largest `.pckl` unpacked (the official one is about 130 MB).
+pub const MAX_PCKL_BYTES: u64 = 4 << 30;
+/// The largest expansion accepted for the compressed `.pckl` (uncompressed / compressed size);
+/// float weights deflate by a few percent, so more means a corrupt archive or a zip bomb.
+pub const MAX_PCKL_RATIO: u64 = 20;
+
 /// Writes the archive member named [`VQ_PCKL_FILE`] (in whichever folder of the archive) to
 /// `dest` (through a temporary file in the same folder, then a rename). Returns the member's
 /// path inside the archive.
+///
+/// Zip bombs are refused without inflating them: the member's declared size must be at most
+/// [`MAX_PCKL_BYTES`] and at most [`MAX_PCKL_RATIO`] times its compressed size (above 1 MiB), and
+/// it is inflated through a reader that stops one byte past the declared size, so a member
+/// that lies about its size is found after that byte.
 pub fn unpack_pckl(zip_path: &Path, dest: &Path) -> Result<String> {
     let file =
         File::open(zip_path).with_context(|| format!("cannot open {}", zip_path.display()))?;
@@ -575,9 +586,17 @@ pub fn unpack_pckl(zip_path: &Path, dest: &Path) -> Result<String> {
             }
         );
     };
-    let mut entry = archive
+    let entry = archive
         .by_name(&member)
         .map_err(|e| anyhow!("{}: cannot read {member}: {e}", zip_path.display()))?;
+    let (size, packed) = (entry.size(), entry.compressed_size());
+    if size > MAX_PCKL_BYTES || (size > (1 << 20) && size / packed.max(1) > MAX_PCKL_RATIO) {
+        bail!(
+            "{}: {member} would inflate from {packed} to {size} bytes: refused as a possible zip bomb (the official model is about 130 MB and barely compresses)",
+            zip_path.display()
+        );
+    }
+    let mut entry = entry.take(size + 1);
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -592,13 +611,24 @@ pub fn unpack_pckl(zip_path: &Path, dest: &Path) -> Result<String> {
     let result = (|| -> Result<()> {
         let mut out =
             File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        io::copy(&mut entry, &mut out).with_context(|| {
+        let copied = io::copy(&mut entry, &mut out).with_context(|| {
             format!(
                 "cannot unpack {member} from {} to {}",
                 zip_path.display(),
                 tmp.display()
             )
         })?;
+        if copied != size {
+            bail!(
+                "{}: {member} inflates to {} bytes but declares {size}: the archive is corrupt (or a zip bomb)",
+                zip_path.display(),
+                if copied > size {
+                    format!("more than {size}")
+                } else {
+                    copied.to_string()
+                }
+            );
+        }
         out.sync_all()
             .with_context(|| format!("cannot write {}", tmp.display()))?;
         fs::rename(&tmp, dest)

@@ -380,6 +380,62 @@ fn unpack_finds_the_model_in_any_folder_and_names_what_is_missing() {
     assert!(msg.contains("not.zip"), "{msg}");
 }
 
+/// Overwrites the declared uncompressed size of entry `name` in its local header and its
+/// central-directory record.
+fn set_declared_size(zip: &mut [u8], name: &str, size: u32) {
+    let mut found = 0;
+    for i in 0..zip.len().saturating_sub(46) {
+        let (size_at, name_len_at, name_at) = match &zip[i..i + 4] {
+            b"PK\x03\x04" => (22, 26, 30),
+            b"PK\x01\x02" => (24, 28, 46),
+            _ => continue,
+        };
+        let len = u16::from_le_bytes([zip[i + name_len_at], zip[i + name_len_at + 1]]) as usize;
+        if zip.get(i + name_at..i + name_at + len) == Some(name.as_bytes()) {
+            zip[i + size_at..i + size_at + 4].copy_from_slice(&size.to_le_bytes());
+            found += 1;
+        }
+    }
+    assert_eq!(found, 2);
+}
+
+#[test]
+fn zip_bombs_are_refused_without_inflating_them() {
+    let dir = scratch("bomb");
+    let dest = dir.join("out").join(VQ_PCKL_FILE);
+    let member = format!("checkpoints/{VQ_PCKL_FILE}");
+    let opts = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    // 256 MiB of zeros deflate to about 256 KiB.
+    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    writer.start_file(&member, opts).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..256 {
+        writer.write_all(&zeros).unwrap();
+    }
+    let bomb = dir.join("bomb.zip");
+    std::fs::write(&bomb, writer.finish().unwrap().into_inner()).unwrap();
+    let msg = format!("{:#}", unpack_pckl(&bomb, &dest).unwrap_err());
+    assert!(msg.contains("refused as a possible zip bomb"), "{msg}");
+    assert!(!dest.exists());
+
+    // A member that declares fewer bytes than it inflates to: stopped one byte past.
+    let mut bytes = archive_bytes();
+    set_declared_size(&mut bytes, &member, 1000);
+    let liar = dir.join("liar.zip");
+    std::fs::write(&liar, bytes).unwrap();
+    let msg = format!("{:#}", unpack_pckl(&liar, &dest).unwrap_err());
+    assert!(
+        msg.contains("inflates to more than 1000 bytes but declares 1000"),
+        "{msg}"
+    );
+    assert!(!dest.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dest.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
 /// Checks that `weights` loads with `load_checkpoint` and holds the fixture's tensors.
 fn assert_converted(weights: &Path) {
     let ckpt = load_checkpoint(weights).unwrap();
