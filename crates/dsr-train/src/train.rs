@@ -57,6 +57,9 @@ pub enum TrainError {
     /// An augmentation error.
     #[error(transparent)]
     Augment(#[from] dsr_augment::AugmentError),
+    /// A data-set file or folder could not be used; the message names it and says what to fix.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
     /// The configuration cannot be trained; the message says why.
     #[error("invalid training configuration: {0}")]
     Config(String),
