@@ -192,8 +192,7 @@ pub fn evaluate_samples_with(
         for s in samples.by_ref().take(batch) {
             let loaded = load_image_limited(&s.path, size, options.max_pixels).and_then(|img| {
                 let mask = match &s.mask {
-                    Some(m) => load_mask(m, size, options.max_pixels)
-                        .with_context(|| format!("the mask of {}", s.path.display()))?,
+                    Some(m) => load_mask(m, size, options.max_pixels, &s.path, img.original_size)?,
                     None => vec![false; pixels],
                 };
                 Ok((img, mask))

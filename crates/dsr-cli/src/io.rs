@@ -48,8 +48,28 @@ pub fn load_image_limited(path: &Path, size: [usize; 2], max_pixels: u64) -> Res
 /// Reads a ground-truth mask at `size` (nearest-neighbour; binarised as dsr-train's data module
 /// does: defective where the brightest channel reaches half the full scale, or where a 0/1 label
 /// image holds 1). Masks of more than `max_pixels` pixels are refused from their header.
-pub fn load_mask(path: &Path, size: [usize; 2], max_pixels: u64) -> Result<Vec<bool>> {
+/// The mask must have the size of its image, `image_size` = `[height, width]` of the file
+/// `image` (a mask of another size would be stretched onto the wrong pixels).
+pub fn load_mask(
+    path: &Path,
+    size: [usize; 2],
+    max_pixels: u64,
+    image: &Path,
+    image_size: [usize; 2],
+) -> Result<Vec<bool>> {
     let img = decode_checked(path, max_pixels).context("reading a ground-truth mask")?;
+    let mask_size = [img.height() as usize, img.width() as usize];
+    if mask_size != image_size {
+        anyhow::bail!(
+            "mask {} is {}x{} but its image {} is {}x{}",
+            path.display(),
+            mask_size[1],
+            mask_size[0],
+            image.display(),
+            image_size[1],
+            image_size[0]
+        );
+    }
     Ok(mask_to_binary(&img, size[0] as u32, size[1] as u32)
         .into_iter()
         .map(|v| v > 0.5)

@@ -319,6 +319,23 @@ fn test_skips_or_stops_on_unreadable_images_and_limits_pixels() {
     assert_eq!(json["num_images"], 5);
     assert_eq!(json["skipped"].as_array().unwrap().len(), 1);
 
+    // A mask of another size than its image.
+    make_image(&data.join("ground_truth/crack/001_mask.png"), 32, 64, 1);
+    let wrong = args(&["--on-error", "fail"]);
+    assert_eq!(wrong.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains("001_mask.png is 32x64 but its image"), "{err}");
+    std::fs::remove_file(data.join("test/good/003.png")).unwrap();
+    let skip = args(&["--on-error", "skip"]);
+    assert!(skip.status.success());
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(json["num_images"], 4);
+    assert!(json["skipped"][0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("32x64"));
+
     // A pixel limit below 64×64 refuses every image by its header.
     let limited = args(&["--max-pixels", "1000"]);
     assert_eq!(limited.status.code(), Some(1));
