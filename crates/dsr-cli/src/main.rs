@@ -224,13 +224,21 @@ enum Command {
         /// Write the resumable checkpoint every N steps. Default 100.
         #[arg(long, value_name = "N")]
         checkpoint_every: Option<u64>,
+        /// A training image that cannot be read: fail (stop with its name) or skip (report it
+        /// and train on the others). Default fail.
+        #[arg(long, value_enum, value_name = "POLICY")]
+        on_error: Option<OnError>,
+        /// Refuse images with more pixels than this (read from the file header before
+        /// decoding). Default 100000000.
+        #[arg(long, value_name = "N")]
+        max_pixels: Option<u64>,
         /// Any configuration value, as section.key=value (TOML value), e.g.
         /// --set train.adam.lr=1e-4 --set data.val_split=from_test:0.5. Repeatable.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
         /// Continue the run in this folder (its config.toml and weights/last.safetensors); the
         /// other settings flags are not allowed with it.
-        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "data", "category", "normal_dir", "abnormal_dir", "normal_test_dir", "mask_dir", "vq_weights", "pretrain", "pretrain_steps", "preset", "image_size", "batch", "phase2_steps", "phase3_steps", "recipe", "focal", "seed", "results", "checkpoint_every", "set"])]
+        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "data", "category", "on_error", "max_pixels", "normal_dir", "abnormal_dir", "normal_test_dir", "mask_dir", "vq_weights", "pretrain", "pretrain_steps", "preset", "image_size", "batch", "phase2_steps", "phase3_steps", "recipe", "focal", "seed", "results", "checkpoint_every", "set"])]
         resume: Option<PathBuf>,
         /// Skip the test evaluation at the end.
         #[arg(long)]
@@ -431,6 +439,8 @@ fn main() -> ExitCode {
             seed,
             results,
             checkpoint_every,
+            on_error,
+            max_pixels,
             set,
             resume,
             no_test,
@@ -458,6 +468,11 @@ fn main() -> ExitCode {
                 seed,
                 results,
                 checkpoint_every,
+                on_error: on_error.map(|e| match e {
+                    OnError::Skip => dsr_train::data::OnError::Skip,
+                    OnError::Fail => dsr_train::data::OnError::Fail,
+                }),
+                max_pixels,
                 set,
             },
             resume.as_deref(),

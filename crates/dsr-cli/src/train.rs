@@ -106,6 +106,10 @@ pub struct TrainOverrides {
     pub results: Option<PathBuf>,
     /// `--checkpoint-every`.
     pub checkpoint_every: Option<u64>,
+    /// `--on-error`.
+    pub on_error: Option<dsr_train::data::OnError>,
+    /// `--max-pixels`.
+    pub max_pixels: Option<u64>,
     /// `--set KEY=VALUE`.
     pub set: Vec<String>,
 }
@@ -183,6 +187,12 @@ pub fn resolve_config(o: &TrainOverrides) -> Result<RunConfig> {
     if let Some(n) = o.checkpoint_every {
         cfg.output.checkpoint_every = n;
     }
+    if let Some(e) = o.on_error {
+        cfg.data.on_error = e;
+    }
+    if let Some(p) = o.max_pixels {
+        cfg.data.max_pixels = p;
+    }
     let mut cfg = cfg.with_overrides(&o.set)?;
     // A bare `--set vq.pretrain=true` also counts.
     if cfg.vq.weights.is_none() && !cfg.vq.pretrain {
@@ -228,6 +238,7 @@ pub fn run_session(session: &Session, device: &Device, test: bool) -> Result<Run
         }
         SessionEvent::Train(r) => progress.step(&r.losses),
         SessionEvent::Checkpoint { .. } => {}
+        SessionEvent::Skipped { message } => progress.message(&format!("skipped: {message}")),
         SessionEvent::Resumed { path, step } => progress.message(&format!(
             "resuming from {} after step {step}",
             path.display()

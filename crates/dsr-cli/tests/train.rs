@@ -391,3 +391,39 @@ fn training_killed_at_arbitrary_moments_resumes_identically() {
     eprintln!("{kills} kills; largest weight difference {worst:e}");
     assert!(worst <= 1e-6, "weights differ by {worst}");
 }
+
+#[test]
+fn a_bad_training_image_stops_the_run_or_is_skipped_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("weld");
+    small_dataset(&data);
+    std::fs::write(data.join("train/good/broken.png"), b"not a png").unwrap();
+    let results = dir.path().join("results");
+    let short = |extra: &[&str]| {
+        let mut args = tiny_run_args(s(&data), s(&results));
+        for (flag, value) in [
+            ("--pretrain-steps", "1"),
+            ("--phase2-steps", "1"),
+            ("--phase3-steps", "1"),
+        ] {
+            let i = args.iter().position(|a| *a == flag).unwrap();
+            args[i + 1] = value;
+        }
+        args.push("--no-test");
+        args.extend_from_slice(extra);
+        dsr(&args)
+    };
+    let failed = short(&[]);
+    assert_eq!(failed.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(err.contains("broken.png"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let skipped = short(&["--on-error", "skip"]);
+    let err = String::from_utf8_lossy(&skipped.stderr);
+    assert!(skipped.status.success(), "{err}");
+    assert!(
+        err.contains("skipped") && err.contains("broken.png"),
+        "{err}"
+    );
+}

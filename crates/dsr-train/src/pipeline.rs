@@ -11,7 +11,7 @@ use dsr_core::weights::{load_checkpoint, Checkpoint};
 use dsr_core::{DsrConfig, DsrModel};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{load_batch, Entry, LoadConfig, MvtecDataset};
+use crate::data::{load_batch, load_images, Entry, LoadConfig, MvtecDataset};
 use crate::metrics::{EvalSet, Metrics};
 use crate::postprocess::PostProcessor;
 use crate::pretrain::{PretrainConfig, PretrainReport, Pretrainer};
@@ -107,14 +107,24 @@ pub fn evaluate(
 /// Loads `entries` (no masks) at `size` into one batch; the first unreadable file is an error.
 pub fn load_image_batch(entries: &[Entry], size: [usize; 2]) -> Result<ImageBatch, TrainError> {
     let cfg = LoadConfig::new(size[0] as u32, size[1] as u32);
-    let loaded = load_batch(entries, &cfg, false).map_err(|e| TrainError::Config(e.to_string()))?;
-    Ok(ImageBatch::new(
+    Ok(load_image_batch_with(entries, &cfg)?.0)
+}
+
+/// Loads `entries` (no masks) into one batch at `cfg`'s size, under its error policy and pixel
+/// limit; returns the batch and the files skipped (with why). Nothing loadable is an error.
+pub fn load_image_batch_with(
+    entries: &[Entry],
+    cfg: &LoadConfig,
+) -> Result<(ImageBatch, Vec<crate::data::DataError>), TrainError> {
+    let loaded = load_images(entries, cfg, false)?;
+    let batch = ImageBatch::new(
         loaded.len(),
         3,
-        size[0],
-        size[1],
+        cfg.height as usize,
+        cfg.width as usize,
         loaded.images,
-    )?)
+    )?;
+    Ok((batch, loaded.skipped))
 }
 
 /// Runs phases (1,) 2 and 3 and the evaluation; returns the trainer (for saving) and the

@@ -43,9 +43,10 @@ use dsr_core::weights::{load_checkpoint, save_checkpoint, write_atomic, Checkpoi
 use serde::{Deserialize, Serialize};
 
 use crate::data::{
-    split_validation, Entry, FolderDataset, FolderLayout, Listing, MvtecDataset, ValSplit,
+    split_validation, Entry, FolderDataset, FolderLayout, Listing, LoadConfig, MvtecDataset,
+    OnError, ValSplit, DEFAULT_MAX_PIXELS,
 };
-use crate::pipeline::{evaluate, load_image_batch, Evaluation};
+use crate::pipeline::{evaluate, load_image_batch_with, Evaluation};
 use crate::postprocess::METADATA_KEY;
 use crate::pretrain::{PretrainConfig, PretrainReport, Pretrainer};
 use crate::train::{Phase, Result, StepReport, TrainConfig, TrainError, Trainer};
@@ -96,6 +97,12 @@ pub struct DataSection {
     /// Folder layout: the fraction of `normal_dir` moved to the test set without
     /// `normal_test_dir` (anomalib's 0.2).
     pub normal_split_ratio: f64,
+    /// A training image that cannot be read: `"fail"` (stop, the default) or `"skip"` (report
+    /// it and train on the others).
+    pub on_error: OnError,
+    /// Images with more pixels (width × height, read from the header before decoding) are
+    /// refused.
+    pub max_pixels: u64,
 }
 
 impl Default for DataSection {
@@ -110,6 +117,8 @@ impl Default for DataSection {
             normal_test_dir: None,
             mask_dir: None,
             normal_split_ratio: 0.2,
+            on_error: OnError::Fail,
+            max_pixels: DEFAULT_MAX_PIXELS,
         }
     }
 }
@@ -443,6 +452,11 @@ pub enum SessionEvent {
         /// Steps of this phase.
         total: u64,
     },
+    /// A training image was skipped (`data.on_error = "skip"`).
+    Skipped {
+        /// What went wrong, naming the file.
+        message: String,
+    },
     /// A phase-1 step.
     Pretrain(PretrainReport),
     /// A phase-2/3 step.
@@ -536,7 +550,7 @@ impl Session {
             val: splits.val.len(),
             test: splits.test.len(),
         });
-        let images = load_image_batch(&splits.train, size)?;
+        let images = self.load_training_images(&splits.train, size, on_event)?;
         let start = Instant::now();
 
         let last = self.dir.last_checkpoint();
@@ -655,6 +669,25 @@ impl Session {
         })
     }
 
+    /// The training images at `size`, under `data.on_error` and `data.max_pixels`.
+    fn load_training_images(
+        &self,
+        entries: &[Entry],
+        size: [usize; 2],
+        on_event: &mut dyn FnMut(&SessionEvent),
+    ) -> Result<dsr_augment::ImageBatch> {
+        let mut load = LoadConfig::new(size[0] as u32, size[1] as u32);
+        load.on_error = self.cfg.data.on_error;
+        load.max_pixels = self.cfg.data.max_pixels;
+        let (images, skipped) = load_image_batch_with(entries, &load)?;
+        for e in skipped {
+            on_event(&SessionEvent::Skipped {
+                message: e.to_string(),
+            });
+        }
+        Ok(images)
+    }
+
     /// The discrete model: given weights, the phase-1 result of an earlier attempt, or phase 1.
     fn discrete(
         &self,
@@ -680,7 +713,8 @@ impl Session {
         }
         let size = cfg.train.image_size;
         let crop = cfg.pretrain.crop;
-        let images = load_image_batch(train, [crop.max(size[0]), crop.max(size[1])])?;
+        let images =
+            self.load_training_images(train, [crop.max(size[0]), crop.max(size[1])], on_event)?;
         let pre_cfg = PretrainConfig {
             model: cfg.train.model,
             ..cfg.pretrain.clone()
