@@ -366,7 +366,12 @@ fn conv2d_limited(
     // keeps only the input and the weight of each convolution alive (as PyTorch does), not its
     // patch matrix (9× the input for a 3×3 kernel; at 256×256 that made a phase-2 step need more
     // than 23 GB).
-    let ys = xs.apply_op2(&wmat, ConvOp::new(Kind::Conv, g, limit))?;
+    let ys = if xs.track_op() || wmat.track_op() {
+        xs.apply_op2(&wmat, ConvOp::new(Kind::Conv, g, limit))?
+    } else {
+        // Nothing to differentiate (inference): no copies into and out of the operator.
+        conv_product(Kind::Conv, g, limit, &xs, &wmat)?
+    };
     add_bias(ys, bias)
 }
 
@@ -568,7 +573,11 @@ fn conv_transpose2d_limited(
     let xs = xs.contiguous()?;
     // As in `conv2d`: one autograd node, so that the `[rows, h·w]` products do not stay alive
     // until the backward.
-    let ys = xs.apply_op2(&wmat, ConvOp::new(Kind::Transposed, g, limit))?;
+    let ys = if xs.track_op() || wmat.track_op() {
+        xs.apply_op2(&wmat, ConvOp::new(Kind::Transposed, g, limit))?
+    } else {
+        conv_product(Kind::Transposed, g, limit, &xs, &wmat)?
+    };
     add_bias(ys, bias)
 }
 

@@ -251,6 +251,44 @@ impl DsrModel {
         })
     }
 
+    /// The wall time (seconds) of each stage of one evaluation forward ([`DsrModel::forward_eval`]),
+    /// in order: the per-module profile of inference.
+    pub fn profile_eval(&self, image: &Tensor) -> Result<Vec<(&'static str, f64)>> {
+        self.check_image(image)?;
+        let mut times = Vec::new();
+        let mut clock = std::time::Instant::now();
+        let mut lap = |name: &'static str, times: &mut Vec<(&'static str, f64)>| {
+            times.push((name, clock.elapsed().as_secs_f64()));
+            clock = std::time::Instant::now();
+        };
+        let encoded = self.discrete.encode(image)?;
+        lap("discrete encoders + VQ", &mut times);
+        let joined = Tensor::cat(&[&encoded.up_t, &encoded.q_b.quantized], 1)?;
+        let general = joined.apply(self.discrete.decoder_bot())?;
+        lap("general decoder", &mut times);
+        let srm_hi = self
+            .srm_hi
+            .forward(&encoded.q_b.quantized, self.discrete.vq_bot())?;
+        lap("subspace restriction hi", &mut times);
+        let srm_lo = self
+            .srm_lo
+            .forward(&encoded.q_t.quantized, self.discrete.vq_top())?;
+        lap("subspace restriction lo", &mut times);
+        let up = self.discrete.upsample_t(&srm_lo.1.quantized)?;
+        let specific = Tensor::cat(&[&up, &srm_hi.1.quantized], 1)?.apply(&self.irn)?;
+        lap("upsample_t + reconstruction network", &mut times);
+        let adm = softmax_channels(&self.adm.forward(&specific, &general)?)?;
+        lap("anomaly detection module", &mut times);
+        let ups = softmax_channels(&self.ups.forward(&specific, &general, &adm)?)?;
+        lap("upsampling module", &mut times);
+        let (_, score) = image_score(&adm)?;
+        let map = anomaly_map(&ups)?;
+        // Read the outputs so that nothing is left pending.
+        let _ = (score.to_vec1::<f32>()?, map.sum_all()?.to_scalar::<f32>()?);
+        lap("score and map", &mut times);
+        Ok(times)
+    }
+
     /// The phase-3 training forward (spec §2.4) on a (smudge-augmented) batch: the refined mask
     /// probabilities `M_up`, `B×2×H×W`. Only the upsampling module receives gradients.
     pub fn forward_phase3(&self, image: &Tensor) -> Result<Tensor> {

@@ -1,0 +1,75 @@
+//! Per-module wall time of one inference forward of the reference model (random weights).
+//!
+//! ```text
+//! cargo run --release -p dsr-core --example profile -- [--size 256] [--batch 1] [--repeat 3]
+//! ```
+//! Prints each stage's time (the median of `--repeat` runs after one warm-up) and its share.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use dsr_core::init::{init_seeded, InitScheme};
+use dsr_core::{DsrConfig, DsrModel};
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let (size, batch, repeat) = (arg("--size", 256), arg("--batch", 1), arg("--repeat", 3));
+    // The `dsr` binary's allocator settings (see crates/dsr-cli/src/main.rs).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; no other thread runs yet.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+    let cfg = DsrConfig::default();
+    let varmap = VarMap::new();
+    DsrModel::new(
+        &cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )?;
+    init_seeded(&varmap, 0, InitScheme::Pytorch, &[])?;
+    // Plain tensors, as a loaded checkpoint gives them (no autograd tracking).
+    let tensors = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let model = DsrModel::new(
+        &cfg,
+        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+    )?;
+    let image = Tensor::rand(0f32, 1f32, (batch, 3, size, size), &Device::Cpu)?;
+    model.profile_eval(&image)?;
+    let mut runs = Vec::new();
+    for _ in 0..repeat.max(1) {
+        runs.push(model.profile_eval(&image)?);
+    }
+    let total: Vec<f64> = runs
+        .iter()
+        .map(|r| r.iter().map(|(_, t)| t).sum())
+        .collect();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let whole = median(total);
+    println!(
+        "reference model, batch {batch}, {size}×{size}: {whole:.3} s per forward, {:.2} images/s",
+        batch as f64 / whole
+    );
+    for (i, (name, _)) in runs[0].iter().enumerate() {
+        let t = median(runs.iter().map(|r| r[i].1).collect());
+        println!("  {name:<38} {t:>8.3} s {:>5.1} %", 100.0 * t / whole);
+    }
+    Ok(())
+}
