@@ -166,20 +166,7 @@ impl CustomOp1 for InstanceNormRelu {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = layout.shape().dims4()?;
-        let src = contiguous_f32(storage, layout)?;
-        let hw = h * w;
-        let mut dst = vec![0f32; n * c * hw];
-        dst.par_chunks_mut(hw)
-            .zip(src.par_chunks(hw))
-            .for_each(|(out, plane)| {
-                let (mean, invstd) = plane_stats(plane);
-                let beta = -(mean * invstd);
-                for (o, &x) in out.iter_mut().zip(plane) {
-                    *o = ((x as f64 * invstd as f64 + beta as f64) as f32).max(0.0);
-                }
-            });
-        Ok((CpuStorage::F32(dst), Shape::from((n, c, h, w))))
+        normalize_planes(storage, layout, true)
     }
 
     fn bwd(
@@ -194,6 +181,32 @@ impl CustomOp1 for InstanceNormRelu {
             &InstanceNormGrad,
         )?))
     }
+}
+
+/// The forward of the CPU instance norm (followed by a ReLU when `relu`): every `h×w` plane
+/// normalised with its own statistics, as PyTorch's CPU kernel computes it.
+fn normalize_planes(
+    storage: &CpuStorage,
+    layout: &Layout,
+    relu: bool,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (n, c, h, w) = layout.shape().dims4()?;
+    let src = contiguous_f32(storage, layout)?;
+    let hw = h * w;
+    let mut dst = vec![0f32; n * c * hw];
+    dst.par_chunks_mut(hw)
+        .zip(src.par_chunks(hw))
+        .for_each(|(out, plane)| {
+            let (mean, invstd) = plane_stats(plane);
+            let beta = -(mean * invstd);
+            for (o, &x) in out.iter_mut().zip(plane) {
+                // The product of two f32 is exact in f64, so this rounds like a fused
+                // multiply-add except in vanishingly rare double-rounding cases.
+                let y = (x as f64 * invstd as f64 + beta as f64) as f32;
+                *o = if relu { y.max(0.0) } else { y };
+            }
+        });
+    Ok((CpuStorage::F32(dst), Shape::from((n, c, h, w))))
 }
 
 /// Mean and inverse standard deviation of one plane, computed as PyTorch's CPU batch-norm
@@ -232,22 +245,7 @@ impl CustomOp1 for InstanceNorm {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = layout.shape().dims4()?;
-        let src = contiguous_f32(storage, layout)?;
-        let hw = h * w;
-        let mut dst = vec![0f32; n * c * hw];
-        dst.par_chunks_mut(hw)
-            .zip(src.par_chunks(hw))
-            .for_each(|(out, plane)| {
-                let (mean, invstd) = plane_stats(plane);
-                let beta = -(mean * invstd);
-                for (o, &x) in out.iter_mut().zip(plane) {
-                    // The product of two f32 is exact in f64, so this rounds like a fused
-                    // multiply-add except in vanishingly rare double-rounding cases.
-                    *o = (x as f64 * invstd as f64 + beta as f64) as f32;
-                }
-            });
-        Ok((CpuStorage::F32(dst), Shape::from((n, c, h, w))))
+        normalize_planes(storage, layout, false)
     }
 
     fn bwd(
