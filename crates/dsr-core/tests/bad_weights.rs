@@ -2,6 +2,7 @@
 //! anomalib `.ckpt`) answers a truncated, lying, hostile or mismatched file with an error that
 //! names the file, never with a panic or a large allocation (checked by a counting allocator).
 
+mod peak_alloc;
 mod torch_zip;
 
 use std::collections::{BTreeMap, HashMap};
@@ -14,6 +15,7 @@ use dsr_core::weights::{
     safetensors_from_bytes, save_checkpoint, META_CONFIG, META_IMAGE_SIZE,
 };
 use dsr_core::{DsrConfig, DsrModel, Error};
+use peak_alloc::*;
 use torch_zip::*;
 
 #[global_allocator]

@@ -9,6 +9,7 @@
 //! loaders.
 
 mod mutate;
+mod peak_alloc;
 mod torch_zip;
 
 use std::collections::BTreeMap;
@@ -21,6 +22,7 @@ use dsr_core::weights::{
 };
 use dsr_core::DsrConfig;
 use mutate::{apply, fuzz, mutations};
+use peak_alloc::*;
 use proptest::prelude::*;
 use torch_zip::*;
 

@@ -6,13 +6,14 @@
 //! `DSR_FUZZ_CASES=100000 cargo test -p dsr-train --test fuzz -- --nocapture` is the long run
 //! (see docs/reliability.md); by default 256 cases per target.
 
+#[path = "../../dsr-core/tests/mutate/mod.rs"]
 mod mutate;
+#[path = "../../dsr-core/tests/peak_alloc/mod.rs"]
+mod peak_alloc;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -27,29 +28,8 @@ use dsr_train::postprocess::PostProcessor;
 use dsr_train::train::{Schedule, TrainConfig, Trainer, META_TRAIN_STATE};
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, Rgb, Rgba};
 use mutate::{apply, cases, fuzz, fuzz_cases, mutations};
+use peak_alloc::{largest_allocation, PeakAlloc};
 use proptest::prelude::*;
-
-struct PeakAlloc;
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call is forwarded to the system allocator unchanged.
-unsafe impl GlobalAlloc for PeakAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        System.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        System.alloc_zeroed(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        System.realloc(ptr, layout, new_size)
-    }
-}
 
 #[global_allocator]
 static ALLOC: PeakAlloc = PeakAlloc;
@@ -59,7 +39,7 @@ const ALLOCATION_LIMIT: usize = 256 << 20;
 const MAX_PIXELS: u64 = 4 << 20;
 
 fn no_large_allocation() -> Result<(), TestCaseError> {
-    let largest = LARGEST.load(Ordering::Relaxed);
+    let largest = largest_allocation();
     prop_assert!(
         largest <= ALLOCATION_LIMIT,
         "an allocation of {largest} bytes"

@@ -1,48 +1,8 @@
 //! Small PyTorch zip archives written from scratch (the pickle of a state_dict by hand, the
-//! storages as archive entries), and a counting allocator, for the bad-file and fuzz tests.
+//! storages as archive entries), for the bad-file and fuzz tests.
 #![allow(dead_code)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Cursor, Write};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-/// A global allocator that remembers the largest single allocation request.
-pub struct PeakAlloc;
-
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call is forwarded to the system allocator unchanged.
-unsafe impl GlobalAlloc for PeakAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        System.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        System.alloc_zeroed(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
-/// The largest single allocation so far in this test binary.
-pub fn largest_allocation() -> usize {
-    LARGEST.load(Ordering::Relaxed)
-}
-
-/// Fails when any allocation of this test binary so far was larger than `limit` bytes.
-pub fn assert_no_allocation_above(limit: usize) {
-    let largest = largest_allocation();
-    assert!(
-        largest <= limit,
-        "an allocation of {largest} bytes happened (limit {limit})"
-    );
-}
 
 /// A tensor of the state_dict: name, shape, values (stored as f32, contiguous).
 pub struct TensorSpec {
