@@ -2,50 +2,20 @@
 //! loads and holds only finite values: with an absurd learning rate, and with a NaN pixel in the
 //! training images.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::Device;
 use dsr_augment::{ImageBatch, Recipe};
-use dsr_core::init::{init_seeded, InitScheme};
-use dsr_core::weights::{load_checkpoint, Checkpoint};
-use dsr_core::{DsrConfig, DsrModel};
+use dsr_core::init::InitScheme;
+use dsr_core::weights::load_checkpoint;
+use dsr_core::DsrConfig;
 use dsr_losses::FocalKind;
 use dsr_train::optim::AdamConfig;
 use dsr_train::train::{Schedule, TrainConfig, TrainError, Trainer};
 use rand::{Rng, SeedableRng};
 
-fn discrete_checkpoint(cfg: &DsrConfig) -> Checkpoint {
-    let varmap = VarMap::new();
-    DsrModel::new(
-        cfg,
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
-    init_seeded(
-        &varmap,
-        99,
-        InitScheme::Pytorch,
-        &["discrete_latent_model."],
-    )
-    .unwrap();
-    let tensors = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.starts_with("discrete_latent_model."))
-        .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
-        .collect();
-    Checkpoint {
-        path: "discrete.safetensors".into(),
-        tensors,
-        config: Some(*cfg),
-        image_size: None,
-        metadata: BTreeMap::new(),
-    }
-}
+mod common;
+use common::discrete_checkpoint;
 
 fn images(n: usize, poison: bool) -> ImageBatch {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);

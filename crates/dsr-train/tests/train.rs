@@ -1,14 +1,12 @@
 //! The phase-2/3 trainer: reproducibility, resume after a checkpoint, frozen modules, the
 //! schedules, and the stop on a non-finite loss.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::Device;
 use dsr_augment::{ImageBatch, Recipe};
-use dsr_core::init::{init_seeded, InitScheme};
-use dsr_core::weights::Checkpoint;
-use dsr_core::{DsrConfig, DsrModel};
+use dsr_core::init::InitScheme;
+use dsr_core::DsrConfig;
 use dsr_losses::FocalKind;
 use dsr_train::optim::AdamConfig;
 use dsr_train::train::{
@@ -16,37 +14,8 @@ use dsr_train::train::{
 };
 use rand::{Rng, SeedableRng};
 
-/// Seeded weights for the discrete model of the tiny configuration.
-fn discrete_checkpoint(cfg: &DsrConfig) -> Checkpoint {
-    let varmap = VarMap::new();
-    DsrModel::new(
-        cfg,
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
-    init_seeded(
-        &varmap,
-        99,
-        InitScheme::Pytorch,
-        &["discrete_latent_model."],
-    )
-    .unwrap();
-    let tensors = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.starts_with("discrete_latent_model."))
-        .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
-        .collect();
-    Checkpoint {
-        path: "discrete.safetensors".into(),
-        tensors,
-        config: Some(*cfg),
-        image_size: None,
-        metadata: BTreeMap::new(),
-    }
-}
+mod common;
+use common::discrete_checkpoint;
 
 fn images(n: usize) -> ImageBatch {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
