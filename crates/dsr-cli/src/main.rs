@@ -156,86 +156,8 @@ enum Command {
     /// then --config, then the flags, then --set.
     #[command(after_help = EXIT_CODES)]
     Train {
-        /// A TOML run configuration (sections data, vq, pretrain, train, output; see
-        /// docs/training.md). Default: the reference settings.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// The data set folder (MVTec AD layout): a category folder, or the root of several
-        /// with --category.
-        #[arg(long, value_name = "DIR", required_unless_present_any = ["resume", "config", "normal_dir"])]
-        data: Option<PathBuf>,
-        /// The category sub-folder of --data.
-        #[arg(long, value_name = "C")]
-        category: Option<String>,
-        /// The generic folder layout instead of --data: a folder of defect-free images
-        /// (training, and 20 % of them for the test unless --normal-test-dir is given).
-        #[arg(long, value_name = "DIR", conflicts_with_all = ["data", "category"])]
-        normal_dir: Option<PathBuf>,
-        /// Folder layout: defective test images.
-        #[arg(long, value_name = "DIR", requires = "normal_dir")]
-        abnormal_dir: Option<PathBuf>,
-        /// Folder layout: defect-free test images.
-        #[arg(long, value_name = "DIR", requires = "normal_dir")]
-        normal_test_dir: Option<PathBuf>,
-        /// Folder layout: masks of the defective images, matched by file stem (<stem>_mask.png
-        /// or <stem>.png).
-        #[arg(long, value_name = "DIR", requires = "normal_dir")]
-        mask_dir: Option<PathBuf>,
-        /// Pretrained discrete-model weights (official .pckl, our safetensors, anomalib
-        /// model.ckpt). Default: the cached official weights of `cargo xtask fetch-weights` when
-        /// the model configuration fits them.
-        #[arg(long, value_name = "FILE")]
-        vq_weights: Option<PathBuf>,
-        /// Train phase 1 (the discrete model) on the training images first, instead of loading
-        /// weights.
-        #[arg(long)]
-        pretrain: bool,
-        /// Phase-1 steps (implies --pretrain). Default 2000.
-        #[arg(long, value_name = "N")]
-        pretrain_steps: Option<u64>,
-        /// The model configuration. Default: reference (the paper's widths).
-        #[arg(long, value_enum, value_name = "PRESET")]
-        preset: Option<train::Preset>,
-        /// Training image size H,W (multiples of 32, at least 64). Default 256,256.
-        #[arg(long, value_name = "H,W", value_parser = parse_size)]
-        image_size: Option<[usize; 2]>,
-        /// Images per step. Default 8.
-        #[arg(long, value_name = "N")]
-        batch: Option<usize>,
-        /// Phase-2 steps (original schedule). Default 100000.
-        #[arg(long, value_name = "N")]
-        phase2_steps: Option<u64>,
-        /// Phase-3 steps (original schedule). Default 50000.
-        #[arg(long, value_name = "N")]
-        phase3_steps: Option<u64>,
-        /// Synthetic-anomaly recipe: original or anomalib. Default original.
-        #[arg(long, value_name = "RECIPE")]
-        recipe: Option<dsr_augment::Recipe>,
-        /// Focal loss: original (on probabilities, the paper's) or anomalib (kornia's on
-        /// softmax outputs). Default original.
-        #[arg(long, value_name = "KIND", value_parser = parse_focal)]
-        focal: Option<dsr_losses::FocalKind>,
-        /// Seed of every random draw. Default 0.
-        #[arg(long, value_name = "N")]
-        seed: Option<u64>,
-        /// The results root. Default results.
-        #[arg(long, value_name = "DIR")]
-        results: Option<PathBuf>,
-        /// Write the resumable checkpoint every N steps. Default 100.
-        #[arg(long, value_name = "N")]
-        checkpoint_every: Option<u64>,
-        /// A training image that cannot be read: fail (stop with its name) or skip (report it
-        /// and train on the others). Default fail.
-        #[arg(long, value_enum, value_name = "POLICY")]
-        on_error: Option<OnError>,
-        /// Refuse images with more pixels than this (read from the file header before
-        /// decoding). Default 100000000.
-        #[arg(long, value_name = "N")]
-        max_pixels: Option<u64>,
-        /// Any configuration value, as section.key=value (TOML value), e.g.
-        /// --set train.adam.lr=1e-4 --set data.val_split=from_test:0.5. Repeatable.
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
+        #[command(flatten)]
+        settings: train::TrainOverrides,
         /// Continue the run in this folder (its config.toml and weights/last.safetensors); the
         /// other settings flags are not allowed with it.
         #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "data", "category", "on_error", "max_pixels", "normal_dir", "abnormal_dir", "normal_test_dir", "mask_dir", "vq_weights", "pretrain", "pretrain_steps", "preset", "image_size", "batch", "phase2_steps", "phase3_steps", "recipe", "focal", "seed", "results", "checkpoint_every", "set"])]
@@ -419,67 +341,12 @@ fn main() -> ExitCode {
             },
         }),
         Command::Train {
-            config,
-            data,
-            category,
-            normal_dir,
-            abnormal_dir,
-            normal_test_dir,
-            mask_dir,
-            vq_weights,
-            pretrain,
-            pretrain_steps,
-            preset,
-            image_size,
-            batch,
-            phase2_steps,
-            phase3_steps,
-            recipe,
-            focal,
-            seed,
-            results,
-            checkpoint_every,
-            on_error,
-            max_pixels,
-            set,
+            settings,
             resume,
             no_test,
             print_config,
             device,
-        } => train::train(
-            &train::TrainOverrides {
-                config,
-                data,
-                category,
-                normal_dir,
-                abnormal_dir,
-                normal_test_dir,
-                mask_dir,
-                vq_weights,
-                pretrain,
-                pretrain_steps,
-                preset,
-                image_size,
-                batch,
-                phase2_steps,
-                phase3_steps,
-                recipe,
-                focal,
-                seed,
-                results,
-                checkpoint_every,
-                on_error: on_error.map(|e| match e {
-                    OnError::Skip => dsr_train::data::OnError::Skip,
-                    OnError::Fail => dsr_train::data::OnError::Fail,
-                }),
-                max_pixels,
-                set,
-            },
-            resume.as_deref(),
-            device,
-            !no_test,
-            print_config,
-        ),
+        } => train::train(&settings, resume.as_deref(), device, !no_test, print_config),
         Command::Pretrain {
             images,
             out,

@@ -7,9 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::ValueEnum;
-use dsr_augment::Recipe;
 use dsr_core::DsrConfig;
-use dsr_losses::FocalKind;
 use dsr_train::data::{list_images, Entry};
 use dsr_train::pipeline::{load_image_batch, small_model};
 use dsr_train::pretrain::{PretrainConfig, Pretrainer};
@@ -63,54 +61,89 @@ impl DeviceArg {
     }
 }
 
-/// The options of `dsr train` that change the run configuration.
-#[derive(Debug, Clone, Default)]
+/// The options of `dsr train` that change the run configuration (flattened into its
+/// arguments).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct TrainOverrides {
-    /// `--config`.
+    /// A TOML run configuration (sections data, vq, pretrain, train, output; see the README's
+    /// `dsr train` section, or --print-config). Default: the reference settings.
+    #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// `--data`.
+    /// The data set folder (MVTec AD layout): a category folder, or the root of several
+    /// with --category.
+    #[arg(long, value_name = "DIR", required_unless_present_any = ["resume", "config", "normal_dir"])]
     pub data: Option<PathBuf>,
-    /// `--category`.
+    /// The category sub-folder of --data.
+    #[arg(long, value_name = "C")]
     pub category: Option<String>,
-    /// `--normal-dir`.
+    /// The generic folder layout instead of --data: a folder of defect-free images
+    /// (training, and 20 % of them for the test unless --normal-test-dir is given).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["data", "category"])]
     pub normal_dir: Option<PathBuf>,
-    /// `--abnormal-dir`.
+    /// Folder layout: defective test images.
+    #[arg(long, value_name = "DIR", requires = "normal_dir")]
     pub abnormal_dir: Option<PathBuf>,
-    /// `--normal-test-dir`.
+    /// Folder layout: defect-free test images.
+    #[arg(long, value_name = "DIR", requires = "normal_dir")]
     pub normal_test_dir: Option<PathBuf>,
-    /// `--mask-dir`.
+    /// Folder layout: masks of the defective images, matched by file stem (<stem>_mask.png
+    /// or <stem>.png).
+    #[arg(long, value_name = "DIR", requires = "normal_dir")]
     pub mask_dir: Option<PathBuf>,
-    /// `--vq-weights`.
+    /// Pretrained discrete-model weights (official .pckl, our safetensors, anomalib
+    /// model.ckpt). Default: the cached official weights of `cargo xtask fetch-weights` when
+    /// the model configuration fits them.
+    #[arg(long, value_name = "FILE")]
     pub vq_weights: Option<PathBuf>,
-    /// `--pretrain`.
+    /// Train phase 1 (the discrete model) on the training images first, instead of loading
+    /// weights.
+    #[arg(long)]
     pub pretrain: bool,
-    /// `--pretrain-steps`.
+    /// Phase-1 steps (implies --pretrain). Default 2000.
+    #[arg(long, value_name = "N")]
     pub pretrain_steps: Option<u64>,
-    /// `--preset`.
+    /// The model configuration. Default: reference (the paper's widths).
+    #[arg(long, value_enum, value_name = "PRESET")]
     pub preset: Option<Preset>,
-    /// `--image-size`.
+    /// Training image size H,W (multiples of 32, at least 64). Default 256,256.
+    #[arg(long, value_name = "H,W", value_parser = crate::parse_size)]
     pub image_size: Option<[usize; 2]>,
-    /// `--batch`.
+    /// Images per step. Default 8.
+    #[arg(long, value_name = "N")]
     pub batch: Option<usize>,
-    /// `--phase2-steps`.
+    /// Phase-2 steps (original schedule). Default 100000.
+    #[arg(long, value_name = "N")]
     pub phase2_steps: Option<u64>,
-    /// `--phase3-steps`.
+    /// Phase-3 steps (original schedule). Default 50000.
+    #[arg(long, value_name = "N")]
     pub phase3_steps: Option<u64>,
-    /// `--recipe`.
-    pub recipe: Option<Recipe>,
-    /// `--focal`.
-    pub focal: Option<FocalKind>,
-    /// `--seed`.
+    /// Synthetic-anomaly recipe: original or anomalib. Default original.
+    #[arg(long, value_name = "RECIPE")]
+    pub recipe: Option<dsr_augment::Recipe>,
+    /// Focal loss: original (on probabilities, the paper's) or anomalib (kornia's on
+    /// softmax outputs). Default original.
+    #[arg(long, value_name = "KIND", value_parser = crate::parse_focal)]
+    pub focal: Option<dsr_losses::FocalKind>,
+    /// Seed of every random draw. Default 0.
+    #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
-    /// `--results`.
+    /// The results root. Default results.
+    #[arg(long, value_name = "DIR")]
     pub results: Option<PathBuf>,
-    /// `--checkpoint-every`.
+    /// Write the resumable checkpoint every N steps. Default 100.
+    #[arg(long, value_name = "N")]
     pub checkpoint_every: Option<u64>,
-    /// `--on-error`.
-    pub on_error: Option<dsr_train::data::OnError>,
-    /// `--max-pixels`.
+    /// A training image that cannot be read: fail (stop with its name) or skip (report it
+    /// and train on the others). Default fail.
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub on_error: Option<crate::OnError>,
+    /// Refuse images with more pixels than this (read from the file header before
+    /// decoding). Default 100000000.
+    #[arg(long, value_name = "N")]
     pub max_pixels: Option<u64>,
-    /// `--set KEY=VALUE`.
+    /// Any configuration value, as section.key=value (TOML value), e.g.
+    /// --set train.adam.lr=1e-4 --set data.val_split=from_test:0.5. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
 }
 
@@ -188,7 +221,10 @@ pub fn resolve_config(o: &TrainOverrides) -> Result<RunConfig> {
         cfg.output.checkpoint_every = n;
     }
     if let Some(e) = o.on_error {
-        cfg.data.on_error = e;
+        cfg.data.on_error = match e {
+            crate::OnError::Skip => dsr_train::data::OnError::Skip,
+            crate::OnError::Fail => dsr_train::data::OnError::Fail,
+        };
     }
     if let Some(p) = o.max_pixels {
         cfg.data.max_pixels = p;
