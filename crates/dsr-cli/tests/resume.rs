@@ -4,63 +4,20 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
-use dsr_core::init::{init_seeded, InitScheme};
-use dsr_core::weights::save_checkpoint;
-use dsr_core::{DsrConfig, DsrModel};
-use dsr_train::postprocess::{PostProcessor, METADATA_KEY};
 use image::{Rgb, RgbImage};
 
-fn dsr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dsr"))
-        .args(args)
-        .output()
-        .expect("the dsr binary runs")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temporary paths are UTF-8")
-}
+mod common;
+use common::{dsr, s};
 
 fn make_model(path: &Path) {
-    let cfg = DsrConfig::tiny();
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    DsrModel::new(&cfg, vb).unwrap();
-    init_seeded(&varmap, 11, InitScheme::Pytorch, &[]).unwrap();
-    let tensors = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
-    let post = PostProcessor {
-        image_threshold: 0.3,
-        pixel_threshold: 0.4,
-        image_min: 0.0,
-        image_max: 1.0,
-        pixel_min: 0.0,
-        pixel_max: 1.0,
-    };
-    let mut extra = BTreeMap::new();
-    extra.insert(METADATA_KEY.to_string(), post.to_json().unwrap());
-    save_checkpoint(path, &tensors, &cfg, Some([64, 64]), &extra).unwrap();
+    common::make_model(path, true);
 }
 
 fn make_image(path: &Path, w: u32, h: u32, seed: u32) {
-    let mut img = RgbImage::new(w, h);
-    for y in 0..h {
-        for x in 0..w {
-            let v = ((x * 7 + y * 13 + seed * 31) % 64 + 96) as u8;
-            img.put_pixel(x, y, Rgb([v, v / 2 + 40, 255 - v]));
-        }
-    }
-    img.save(path).unwrap();
+    common::make_image(path, w, h, false, seed);
 }
 
 /// The files of a folder (name → bytes), with the folder's own path in the tables replaced.

@@ -3,22 +3,14 @@
 //! same model and the same loss curve as an uninterrupted run.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dsr_core::weights::load_checkpoint;
 use dsr_train::session::RunConfig;
 
-fn dsr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dsr"))
-        .args(args)
-        .output()
-        .expect("the dsr binary runs")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temporary paths are UTF-8")
-}
+mod common;
+use common::{dsr, s};
 
 fn demo_data() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/demo/battery_weld")
