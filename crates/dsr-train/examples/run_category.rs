@@ -1,20 +1,23 @@
-//! Trains DSR on one category of an MVTec-layout data set and evaluates it; prints losses,
-//! metrics and wall times.
+//! Trains DSR on one category of an MVTec-layout data set through [`Session`] (phase 1 on the
+//! training images, phases 2 and 3, validation) and prints losses, metrics and wall times; the
+//! library-level twin of `dsr train --preset small`.
 //!
 //! ```text
 //! cargo run --release -p dsr-train --example run_category -- DATA_DIR [--category C]
 //!     [--size 128] [--pretrain-steps 300] [--phase2-steps 300] [--phase3-steps 150]
 //!     [--batch 8] [--recipe original|anomalib] [--focal original|anomalib] [--seed 0]
-//!     [--vq FILE] [--out FILE.safetensors]
+//!     [--vq FILE] [--results DIR]
 //! ```
+//! The run folder (weights, `metrics.jsonl`, `validation.json`) goes under `--results`
+//! (default `results`).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
-use dsr_train::pipeline::{run, small_model, Event, RunOptions};
-use dsr_train::pretrain::PretrainConfig;
-use dsr_train::train::{Schedule, TrainConfig};
+use dsr_train::pipeline::small_model;
+use dsr_train::session::{RunConfig, Session, SessionEvent};
+use dsr_train::train::Schedule;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,56 +38,48 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|v| v.unwrap_or(default))
     };
     let size = num("--size", 128)? as usize;
-    let batch = num("--batch", 8)? as usize;
     let seed = num("--seed", 0)?;
-    let model = small_model();
-    let train = TrainConfig {
-        model,
-        image_size: [size, size],
-        batch_size: batch,
-        schedule: Schedule::Original {
-            phase2_steps: num("--phase2-steps", 300)?,
-            phase3_steps: num("--phase3-steps", 150)?,
-            lr_drop_fraction: 0.8,
-        },
-        focal: get("--focal")
-            .map(|f| serde_json::from_str(&format!("\"{f}\"")))
-            .transpose()?
-            .unwrap_or_default(),
-        recipe: get("--recipe")
-            .map(|r| r.parse())
-            .transpose()?
-            .unwrap_or_default(),
-        seed,
-        ..TrainConfig::default()
+    let mut cfg = RunConfig::default();
+    cfg.data.root = data;
+    cfg.data.category = get("--category");
+    cfg.output.results = get("--results").unwrap_or_else(|| "results".into()).into();
+    cfg.train.model = small_model();
+    cfg.train.image_size = [size, size];
+    cfg.train.batch_size = num("--batch", 8)? as usize;
+    cfg.train.schedule = Schedule::Original {
+        phase2_steps: num("--phase2-steps", 300)?,
+        phase3_steps: num("--phase3-steps", 150)?,
+        lr_drop_fraction: 0.8,
     };
-    let opts = RunOptions {
-        data,
-        category: get("--category"),
-        vq_weights: get("--vq").map(PathBuf::from),
-        pretrain: PretrainConfig {
-            model,
-            crop: size,
-            batch_size: 16,
-            steps: num("--pretrain-steps", 300)?,
-            seed,
-            ..PretrainConfig::default()
-        },
-        train,
-        eval_batch: 8,
-    };
+    if let Some(f) = get("--focal") {
+        cfg.train.focal = serde_json::from_str(&format!("\"{f}\""))?;
+    }
+    if let Some(r) = get("--recipe") {
+        cfg.train.recipe = r.parse()?;
+    }
+    cfg.train.seed = seed;
+    cfg.pretrain.model = cfg.train.model;
+    cfg.pretrain.crop = size;
+    cfg.pretrain.steps = num("--pretrain-steps", 300)?;
+    cfg.pretrain.seed = seed;
+    cfg.vq.weights = get("--vq").map(PathBuf::from);
+    cfg.vq.pretrain = cfg.vq.weights.is_none();
+    let session = Session::create(cfg)?;
+    println!("run folder: {}", session.dir().path.display());
     let start = Instant::now();
     let mut last = Instant::now();
-    let (trainer, eval) = run(&opts, &Device::Cpu, &mut |e| match e {
-        Event::Data { train, test } => println!("data: {train} training, {test} test images"),
-        Event::Pretrain(r) if r.step % 25 == 0 || last.elapsed().as_secs() > 30 => {
+    let outcome = session.run(&Device::Cpu, &mut |e| match e {
+        SessionEvent::Data { train, val, test } => {
+            println!("data: {train} training, {val} validation, {test} test images")
+        }
+        SessionEvent::Pretrain(r) if r.step % 25 == 0 || last.elapsed().as_secs() > 30 => {
             last = Instant::now();
             println!(
                 "[{:>6.0}s] phase 1 step {:>5}: loss {:.5} mse {:.5} perplexity {:.1}/{:.1} codes {}/{} reseeded {}",
                 start.elapsed().as_secs_f64(), r.step, r.loss, r.recon_mse, r.perplexity_top, r.perplexity_bot, r.codes_used_top, r.codes_used_bot, r.reseeded
             );
         }
-        Event::Train(r) if r.step % 25 == 0 || last.elapsed().as_secs() > 30 => {
+        SessionEvent::Train(r) if r.step % 25 == 0 || last.elapsed().as_secs() > 30 => {
             last = Instant::now();
             println!(
                 "[{:>6.0}s] {} step {:>5}: {:?}",
@@ -94,20 +89,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 r.losses
             );
         }
-        Event::Evaluated(ev) => println!(
-            "evaluation: {}",
-            serde_json::to_string_pretty(&ev.metrics).unwrap_or_default()
-        ),
+        SessionEvent::Skipped { message } => println!("skipped: {message}"),
         _ => {}
     })?;
     println!(
-        "wall time {:.0} s (inference {:.1} s)",
-        start.elapsed().as_secs_f64(),
-        eval.inference_seconds
+        "evaluation: {}",
+        serde_json::to_string_pretty(&outcome.validation.metrics)?
     );
-    if let Some(out) = get("--out") {
-        trainer.save(std::path::Path::new(&out))?;
-        println!("checkpoint written to {out}");
-    }
+    println!(
+        "wall time {:.0} s (inference {:.1} s); model: {}",
+        start.elapsed().as_secs_f64(),
+        outcome.validation.inference_seconds,
+        outcome.model.display()
+    );
     Ok(())
 }

@@ -1,56 +1,18 @@
-//! The whole training pipeline of one category: load the data, get the discrete model
-//! (pretrained file, or phase 1 on the training images), phases 2 and 3, then evaluation on the
-//! test split with anomalib's metrics and post-processing.
+//! Pieces of a training run shared by [`crate::session`] and the CLI: loading training images
+//! into one batch, evaluating a model on a labelled set with anomalib's metrics and
+//! post-processing, and the small model configuration of the demo.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
 use dsr_augment::ImageBatch;
-use dsr_core::weights::{load_checkpoint, Checkpoint};
 use dsr_core::{DsrConfig, DsrModel};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{load_batch, load_images, Entry, LoadConfig, MvtecDataset};
+use crate::data::{load_batch, load_images, Entry, LoadConfig};
 use crate::metrics::{EvalSet, Metrics};
 use crate::postprocess::PostProcessor;
-use crate::pretrain::{PretrainConfig, PretrainReport, Pretrainer};
-use crate::train::{StepReport, TrainConfig, TrainError, Trainer};
-
-/// Everything a run needs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunOptions {
-    /// The data set root (MVTec layout).
-    pub data: PathBuf,
-    /// The category folder inside `data`, if `data` is not itself a category.
-    pub category: Option<String>,
-    /// Pretrained discrete weights; phase 1 runs when absent.
-    pub vq_weights: Option<PathBuf>,
-    /// Phase-1 settings (used when `vq_weights` is absent).
-    pub pretrain: PretrainConfig,
-    /// Phase-2/3 settings.
-    pub train: TrainConfig,
-    /// Images per inference batch in the evaluation.
-    pub eval_batch: usize,
-}
-
-/// What happened during a run, for progress display and logs.
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// The data set was listed.
-    Data {
-        /// Training images.
-        train: usize,
-        /// Test images.
-        test: usize,
-    },
-    /// A phase-1 step.
-    Pretrain(PretrainReport),
-    /// A phase-2/3 step.
-    Train(StepReport),
-    /// The evaluation finished.
-    Evaluated(Box<Evaluation>),
-}
+use crate::train::TrainError;
 
 /// Model outputs on a labelled set, with the metrics.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -125,72 +87,6 @@ pub fn load_image_batch_with(
         loaded.images,
     )?;
     Ok((batch, loaded.skipped))
-}
-
-/// Runs phases (1,) 2 and 3 and the evaluation; returns the trainer (for saving) and the
-/// evaluation. `on_event` sees every step.
-pub fn run(
-    opts: &RunOptions,
-    device: &Device,
-    on_event: &mut dyn FnMut(&Event),
-) -> Result<(Trainer, Evaluation), TrainError> {
-    let data = MvtecDataset::open(&opts.data, opts.category.as_deref())
-        .map_err(|e| TrainError::Config(e.to_string()))?;
-    on_event(&Event::Data {
-        train: data.listing.train.len(),
-        test: data.listing.test.len(),
-    });
-    let size = opts.train.image_size;
-    let images = load_image_batch(&data.listing.train, size)?;
-    let discrete: Checkpoint = match &opts.vq_weights {
-        Some(path) => load_checkpoint(path)?,
-        None => {
-            let pre_images = if opts.pretrain.crop == size[0] && size[0] == size[1] {
-                images.clone()
-            } else {
-                load_image_batch(
-                    &data.listing.train,
-                    [
-                        opts.pretrain.crop.max(size[0]),
-                        opts.pretrain.crop.max(size[1]),
-                    ],
-                )?
-            };
-            let mut pre = Pretrainer::new(
-                PretrainConfig {
-                    model: opts.train.model,
-                    ..opts.pretrain.clone()
-                },
-                pre_images,
-                device,
-            )?;
-            while !pre.is_done() {
-                let report = pre.train_step()?;
-                on_event(&Event::Pretrain(report));
-            }
-            Checkpoint {
-                path: "phase-1 (in memory)".into(),
-                tensors: pre.discrete_tensors(),
-                config: Some(opts.train.model),
-                image_size: None,
-                metadata: Default::default(),
-            }
-        }
-    };
-    let mut trainer = Trainer::new(opts.train.clone(), &discrete, images, device)?;
-    while !trainer.is_done() {
-        let report = trainer.train_step()?;
-        on_event(&Event::Train(report));
-    }
-    let evaluation = evaluate(
-        trainer.model(),
-        &data.listing.test,
-        size,
-        opts.eval_batch,
-        device,
-    )?;
-    on_event(&Event::Evaluated(Box::new(evaluation.clone())));
-    Ok((trainer, evaluation))
 }
 
 /// A small, fast configuration for demos and smoke runs: the tiny-ish model widths used in
