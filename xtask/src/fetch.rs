@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use dsr_core::cache::{VQ_PCKL_FILE, VQ_WEIGHTS_FILE};
-use dsr_core::weights::{check_tensors, load_discrete_pckl, save_checkpoint, DISCRETE_PREFIX};
+use dsr_core::weights::{
+    check_tensors, load_discrete_pckl, save_checkpoint, DISCRETE_PREFIX, META_CONVERTED_FROM,
+    META_PARTIAL,
+};
 use dsr_core::DsrConfig;
 use sha2::{Digest, Sha256};
 
@@ -27,10 +30,6 @@ use sha2::{Digest, Sha256};
 pub const ARCHIVE_URL: &str = "https://github.com/open-edge-platform/anomalib/releases/download/dsr_pretrained_weights/dsr_vq_model_pretrained.zip";
 /// SHA-256 of the archive at [`ARCHIVE_URL`] (the value anomalib checks).
 pub const ARCHIVE_SHA256: &str = "52fe7504ec8e9df70b4382f287ab26269dcfe000cd7a7e146a52c6f146f34afb";
-/// Metadata key naming the file a checkpoint was converted from (as `dsr convert` writes it).
-pub const META_CONVERTED_FROM: &str = "dsr.converted_from";
-/// Metadata key marking a checkpoint that holds only part of the model (as `dsr convert`).
-pub const META_PARTIAL: &str = "dsr.partial";
 /// Value of [`META_PARTIAL`] for a checkpoint holding only the discrete latent model.
 pub const PARTIAL_DISCRETE: &str = "discrete_latent_model";
 

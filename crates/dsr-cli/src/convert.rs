@@ -6,15 +6,11 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use dsr_core::weights::{
-    check_tensors, load_checkpoint, save_checkpoint, DISCRETE_PREFIX, META_CONFIG, META_IMAGE_SIZE,
+    check_tensors, load_checkpoint, save_checkpoint, DISCRETE_PREFIX, META_CONFIG,
+    META_CONVERTED_FROM, META_IMAGE_SIZE, META_PARTIAL,
 };
 use dsr_core::DsrConfig;
 use dsr_train::postprocess::{PostProcessor, METADATA_KEY};
-
-/// The metadata key recording which file a checkpoint was converted from.
-pub const META_CONVERTED_FROM: &str = "dsr.converted_from";
-/// The metadata key marking a checkpoint that holds only the discrete latent model.
-pub const META_PARTIAL: &str = "dsr.partial";
 
 /// Reads a configuration from a JSON file holding either the configuration object itself or an
 /// object with a `config` field (as the parity fixtures do).

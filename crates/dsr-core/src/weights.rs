@@ -20,6 +20,11 @@ use crate::{DiscreteLatentModel, DsrConfig, DsrModel, Error, Result};
 pub const META_CONFIG: &str = "dsr.config";
 /// Metadata key of the training image size (JSON `[H, W]`) in our checkpoints.
 pub const META_IMAGE_SIZE: &str = "dsr.image_size";
+/// Metadata key naming the file a checkpoint was converted from.
+pub const META_CONVERTED_FROM: &str = "dsr.converted_from";
+/// Metadata key marking a checkpoint that holds only part of the model (its value names the
+/// part, e.g. `discrete_latent_model`).
+pub const META_PARTIAL: &str = "dsr.partial";
 /// Prefix of the discrete latent model's keys inside a full DSR state_dict.
 pub const DISCRETE_PREFIX: &str = "discrete_latent_model.";
 /// Prefix of the model's keys inside an anomalib Lightning checkpoint's `state_dict`.
