@@ -273,25 +273,8 @@ fn parse_size(s: &str) -> std::result::Result<[usize; 2], String> {
     }
 }
 
-/// Tensor operations allocate and free large buffers at a high rate. With glibc's defaults each
-/// large buffer is a fresh mmap whose pages fault in on first touch and are unmapped on free
-/// (about a fifth of a training step's wall time went to the kernel); keeping freed memory in the
-/// heap removes most of that.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_allocator() {
-    // SAFETY: mallopt only changes allocator parameters; it is called before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_allocator() {}
-
 fn main() -> ExitCode {
-    tune_allocator();
+    dsr_core::runtime::tune_allocator();
     // clap prints help and version with exit code 0 and usage errors with exit code 2.
     let cli = Cli::parse();
     let result = match cli.command {

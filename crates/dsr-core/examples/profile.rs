@@ -21,14 +21,8 @@ fn arg(name: &str, default: usize) -> usize {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (size, batch, repeat) = (arg("--size", 256), arg("--batch", 1), arg("--repeat", 3));
-    // The `dsr` binary's allocator settings (see crates/dsr-cli/src/main.rs).
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; no other thread runs yet.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-    }
+    // The `dsr` binary's allocator settings.
+    dsr_core::runtime::tune_allocator();
     let cfg = DsrConfig::default();
     let varmap = VarMap::new();
     DsrModel::new(

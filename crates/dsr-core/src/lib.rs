@@ -54,6 +54,7 @@ pub mod model;
 mod pickle_guard;
 pub mod quantizer;
 pub mod reconstruction;
+pub mod runtime;
 pub mod subspace;
 pub mod unet;
 pub mod upsampling;
