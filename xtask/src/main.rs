@@ -4,10 +4,13 @@
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
+mod bench;
 mod fetch;
 mod report_check;
 
 const TASKS: &str = "tasks:
+  bench          images/s, seconds per training step and peak RSS of the default model
+                 (optionally beside anomalib's PyTorch model): see `cargo xtask bench --help`
   ci             run what CI runs: cargo fmt --check, clippy -D warnings, cargo test --workspace
   fetch-weights  download (checksummed, resumable) and convert the pretrained discrete model
   report-check   open a `dsr test` report.html in headless Chromium: REPORT [--screenshot OUT.png]
@@ -29,6 +32,7 @@ download resumes on the next run.
 fn main() -> ExitCode {
     let task = std::env::args().nth(1);
     match task.as_deref() {
+        Some("bench") => run_bench(std::env::args().skip(2).collect()),
         Some("ci") => run_ci(),
         Some("fetch-weights") => run_fetch_weights(std::env::args().skip(2).collect()),
         Some("report-check") => run_report_check(std::env::args().skip(2).collect()),
@@ -39,6 +43,27 @@ fn main() -> ExitCode {
         Some(other) => {
             eprintln!("unknown task '{other}'\n{TASKS}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn run_bench(args: Vec<String>) -> ExitCode {
+    let opts = match bench::parse_args(&args) {
+        Ok(Some(opts)) => opts,
+        Ok(None) => {
+            print!("{}", bench::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("error: {e}\n{}", bench::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    match bench::run(&opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
         }
     }
 }

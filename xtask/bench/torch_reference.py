@@ -1,0 +1,116 @@
+"""Times anomalib's DSR (PyTorch eager) the way `cargo run --example bench` times ours.
+
+Called by `cargo xtask bench --torch PYTHON`; can be run by hand:
+
+    python xtask/bench/torch_reference.py infer --batch 1 --size 256 --repeat 5
+
+Needs `pip install torch anomalib==2.7.0`. Random weights and images, one untimed warm-up call,
+then --repeat timed calls; the last stdout line is the same JSON object as the Rust bench prints.
+Training steps are anomalib's own phase-2 / phase-3 step (model forward, its loss, backward, Adam)
+with random binary maps in place of anomalib's Perlin generator, so the time is the network's;
+ours draws its Perlin masks inside the step (a few milliseconds per batch), which favours PyTorch
+slightly.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+from anomalib.models.image.dsr.loss import DsrSecondStageLoss, DsrThirdStageLoss  # noqa: E402
+from anomalib.models.image.dsr.torch_model import DsrModel  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["infer", "phase2", "phase3"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = DsrModel(latent_anomaly_strength=0.2)
+    image = torch.rand(args.batch, 3, args.size, args.size)
+
+    if args.mode == "infer":
+        model.eval()
+
+        def call() -> None:
+            with torch.inference_mode():
+                model(image)
+
+    elif args.mode == "phase2":
+        model.train()
+        loss_fn = DsrSecondStageLoss()
+        opt = torch.optim.Adam(
+            list(model.image_reconstruction_network.parameters())
+            + list(model.subspace_restriction_module_hi.parameters())
+            + list(model.subspace_restriction_module_lo.parameters())
+            + list(model.anomaly_detection_module.parameters()),
+            lr=2e-4,
+        )
+
+        def call() -> None:
+            mask = (torch.rand(args.batch, 1, args.size, args.size) > 0.7).float()
+            out = model(image, mask)
+            loss = loss_fn(
+                out["recon_feat_hi"],
+                out["recon_feat_lo"],
+                out["embedding_bot"],
+                out["embedding_top"],
+                image,
+                out["obj_spec_image"],
+                out["anomaly_map"],
+                out["true_anomaly_map"],
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    else:
+        model.train()
+        loss_fn = DsrThirdStageLoss()
+        opt = torch.optim.Adam(model.upsampling_module.parameters(), lr=2e-4)
+
+        def call() -> None:
+            mask = (torch.rand(args.batch, 1, args.size, args.size) > 0.7).float()
+            out = model(image)
+            loss = loss_fn(out["anomaly_map"], mask)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    call()  # warm-up
+    seconds = []
+    for _ in range(max(args.repeat, 1)):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    median = statistics.median_low(seconds)
+    print(
+        json.dumps(
+            {
+                "mode": args.mode,
+                "batch": args.batch,
+                "size": args.size,
+                "preset": "reference",
+                "seconds": seconds,
+                "median_s": median,
+                "images_per_s": args.batch / median,
+                # ru_maxrss is in KiB on Linux.
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
