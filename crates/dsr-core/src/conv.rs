@@ -17,7 +17,9 @@
 //! Only f32 tensors on the CPU take this path; every other device or dtype uses candle's own
 //! operator, so results are the same everywhere up to rounding.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 /// The largest patch matrix (in bytes) built at once; larger batches are processed in groups of
@@ -366,13 +368,29 @@ fn conv2d_limited(
     // keeps only the input and the weight of each convolution alive (as PyTorch does), not its
     // patch matrix (9× the input for a 3×3 kernel; at 256×256 that made a phase-2 step need more
     // than 23 GB).
-    let ys = if xs.track_op() || wmat.track_op() {
-        xs.apply_op2(&wmat, ConvOp::new(Kind::Conv, g, limit))?
-    } else {
-        // Nothing to differentiate (inference): no copies into and out of the operator.
-        conv_product(Kind::Conv, g, limit, &xs, &wmat)?
-    };
-    add_bias(ys, bias)
+    if xs.track_op() || wmat.track_op() {
+        return tracked(&xs, &wmat, bias, ConvOp::new(Kind::Conv, g, limit));
+    }
+    // Nothing to differentiate (inference): no copies into and out of the operator.
+    add_bias(conv_product(Kind::Conv, g, limit, &xs, &wmat)?, bias)
+}
+
+/// The convolution `op` of `xs` with `wmat` as one autograd node, its bias added inside the node
+/// when there is one: a separate addition would keep the unbiased output alive for the backward
+/// too (one more activation per convolution; at 256×256, batch 8, about 1.2 GB of a phase-2
+/// step).
+fn tracked(
+    xs: &Tensor,
+    wmat: &Tensor,
+    bias: Option<&Tensor>,
+    op: ConvOp,
+) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b) if b.dtype() == DType::F32 && b.device().is_cpu() && b.rank() == 1 => {
+            xs.apply_op3(wmat, &b.contiguous()?, ConvBiasOp(op))
+        }
+        _ => add_bias(xs.apply_op2(wmat, op)?, bias),
+    }
 }
 
 /// The product of [`ConvOp`] on plain (graph-free) tensors.
@@ -434,6 +452,69 @@ impl ConvOp {
     fn new(kind: Kind, g: Geometry, limit: usize) -> Self {
         Self { kind, g, limit }
     }
+
+    /// The forward product of the operands' storages, as a flat vector and its shape.
+    fn product(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(Vec<f32>, Shape)> {
+        // Plain tensors over copies of the operands (transient; the graph keeps only `x`, `W`
+        // and the result).
+        let xs = Tensor::from_slice(f32_data(s1, l1, "conv")?, l1.shape(), &Device::Cpu)?;
+        let wmat = Tensor::from_slice(f32_data(s2, l2, "conv")?, l2.shape(), &Device::Cpu)?;
+        let ys = conv_product(self.kind, self.g, self.limit, &xs, &wmat)?;
+        let shape = ys.shape().clone();
+        Ok((ys.flatten_all()?.to_vec1::<f32>()?, shape))
+    }
+}
+
+/// [`ConvOp`] followed by the per-channel bias, as one autograd node.
+#[derive(Debug, Clone, Copy)]
+struct ConvBiasOp(ConvOp);
+
+impl CustomOp3 for ConvBiasOp {
+    fn name(&self) -> &'static str {
+        "conv-im2col-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (mut ys, shape) = self.0.product(s1, l1, s2, l2)?;
+        let bias = f32_data(s3, l3, "conv bias")?;
+        let (_, co, oh, ow) = shape.dims4()?;
+        if bias.len() != co {
+            candle_core::bail!("conv: {co} output channels but {} biases", bias.len());
+        }
+        // The same f32 additions as a broadcast add after the product.
+        for (k, plane) in ys.chunks_mut(oh * ow).enumerate() {
+            let b = bias[k % co];
+            plane.iter_mut().for_each(|v| *v += b);
+        }
+        Ok((CpuStorage::F32(ys), shape))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        wmat: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw) = self.0.bwd(xs, wmat, res, grad)?;
+        let gb = grad.detach().sum((0, 2, 3))?;
+        Ok((gx, gw, Some(gb)))
+    }
 }
 
 impl CustomOp2 for ConvOp {
@@ -448,13 +529,8 @@ impl CustomOp2 for ConvOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        // Plain tensors over copies of the operands (transient; the graph keeps only `x`, `W`
-        // and the result).
-        let xs = Tensor::from_slice(f32_data(s1, l1, "conv")?, l1.shape(), &Device::Cpu)?;
-        let wmat = Tensor::from_slice(f32_data(s2, l2, "conv")?, l2.shape(), &Device::Cpu)?;
-        let ys = conv_product(self.kind, self.g, self.limit, &xs, &wmat)?;
-        let shape = ys.shape().clone();
-        Ok((CpuStorage::F32(ys.flatten_all()?.to_vec1::<f32>()?), shape))
+        let (ys, shape) = self.product(s1, l1, s2, l2)?;
+        Ok((CpuStorage::F32(ys), shape))
     }
 
     fn bwd(
@@ -573,12 +649,10 @@ fn conv_transpose2d_limited(
     let xs = xs.contiguous()?;
     // As in `conv2d`: one autograd node, so that the `[rows, h·w]` products do not stay alive
     // until the backward.
-    let ys = if xs.track_op() || wmat.track_op() {
-        xs.apply_op2(&wmat, ConvOp::new(Kind::Transposed, g, limit))?
-    } else {
-        conv_product(Kind::Transposed, g, limit, &xs, &wmat)?
-    };
-    add_bias(ys, bias)
+    if xs.track_op() || wmat.track_op() {
+        return tracked(&xs, &wmat, bias, ConvOp::new(Kind::Transposed, g, limit));
+    }
+    add_bias(conv_product(Kind::Transposed, g, limit, &xs, &wmat)?, bias)
 }
 
 #[cfg(test)]
