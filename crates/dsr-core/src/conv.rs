@@ -18,7 +18,7 @@
 //! operator, so results are the same everywhere up to rounding.
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor,
 };
 use rayon::prelude::*;
 
@@ -362,7 +362,7 @@ fn conv2d_limited(
                 .matmul(&chunk.reshape((m, ci, h * w))?)?
                 .reshape((m, co, g.oh, g.ow))
         })?;
-        return add_bias(ys, bias);
+        return add_bias_fresh(ys, bias);
     }
     // One autograd node whose backward rebuilds the patch matrices group by group: training then
     // keeps only the input and the weight of each convolution alive (as PyTorch does), not its
@@ -372,7 +372,68 @@ fn conv2d_limited(
         return tracked(&xs, &wmat, bias, ConvOp::new(Kind::Conv, g, limit));
     }
     // Nothing to differentiate (inference): no copies into and out of the operator.
-    add_bias(conv_product(Kind::Conv, g, limit, &xs, &wmat)?, bias)
+    add_bias_fresh(conv_product(Kind::Conv, g, limit, &xs, &wmat)?, bias)
+}
+
+/// [`add_bias`] for a freshly computed, untracked product that nothing else holds: the bias is
+/// added where the values lie (no second full-size buffer) when it is an f32 CPU vector.
+fn add_bias_fresh(ys: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b)
+            if !ys.track_op()
+                && !b.track_op()
+                && ys.device().is_cpu()
+                && ys.dtype() == DType::F32
+                && b.dtype() == DType::F32
+                && b.rank() == 1
+                && ys.is_contiguous() =>
+        {
+            ys.inplace_op2(&b.contiguous()?, &AddBiasInPlace)?;
+            Ok(ys)
+        }
+        _ => add_bias(ys, bias),
+    }
+}
+
+/// Adds a per-channel bias `[c]` to a contiguous NCHW f32 tensor in place.
+#[derive(Debug, Clone, Copy)]
+struct AddBiasInPlace;
+
+impl InplaceOp2 for AddBiasInPlace {
+    fn name(&self) -> &'static str {
+        "add-bias-inplace"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (_, co, h, w) = l1.shape().dims4()?;
+        let bias = f32_data(s2, l2, "conv bias")?;
+        if bias.len() != co {
+            candle_core::bail!("conv: {co} output channels but {} biases", bias.len());
+        }
+        let Some((start, end)) = l1.contiguous_offsets() else {
+            candle_core::bail!("adding a bias in place needs a contiguous tensor");
+        };
+        let CpuStorage::F32(data) = s1 else {
+            candle_core::bail!("adding a bias in place is implemented for f32 tensors only");
+        };
+        add_bias_planes(&mut data[start..end], bias, h * w);
+        Ok(())
+    }
+}
+
+/// `planes[k] += bias[k % bias.len()]` for each `plane_len`-long plane (the same f32 additions
+/// as a broadcast add).
+fn add_bias_planes(values: &mut [f32], bias: &[f32], plane_len: usize) {
+    for (k, plane) in values.chunks_mut(plane_len).enumerate() {
+        let b = bias[k % bias.len()];
+        plane.iter_mut().for_each(|v| *v += b);
+    }
 }
 
 /// The convolution `op` of `xs` with `wmat` as one autograd node, its bias added inside the node
@@ -495,11 +556,7 @@ impl CustomOp3 for ConvBiasOp {
         if bias.len() != co {
             candle_core::bail!("conv: {co} output channels but {} biases", bias.len());
         }
-        // The same f32 additions as a broadcast add after the product.
-        for (k, plane) in ys.chunks_mut(oh * ow).enumerate() {
-            let b = bias[k % co];
-            plane.iter_mut().for_each(|v| *v += b);
-        }
+        add_bias_planes(&mut ys, bias, oh * ow);
         Ok((CpuStorage::F32(ys), shape))
     }
 
@@ -652,7 +709,7 @@ fn conv_transpose2d_limited(
     if xs.track_op() || wmat.track_op() {
         return tracked(&xs, &wmat, bias, ConvOp::new(Kind::Transposed, g, limit));
     }
-    add_bias(conv_product(Kind::Transposed, g, limit, &xs, &wmat)?, bias)
+    add_bias_fresh(conv_product(Kind::Transposed, g, limit, &xs, &wmat)?, bias)
 }
 
 #[cfg(test)]

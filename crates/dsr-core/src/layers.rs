@@ -6,7 +6,7 @@
 //! custom operator with a hand-written backward (candle's has none), and nearest upsampling is a
 //! broadcast (candle's backward overwrites instead of accumulating).
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp1, Layout, Module, Shape, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
@@ -183,6 +183,32 @@ impl CustomOp1 for InstanceNormRelu {
     }
 }
 
+impl InplaceOp1 for InstanceNormRelu {
+    fn name(&self) -> &'static str {
+        "instance-norm-relu-inplace"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (_, _, h, w) = layout.shape().dims4()?;
+        let (start, end) = match layout.contiguous_offsets() {
+            Some(range) => range,
+            None => candle_core::bail!("instance norm in place needs a contiguous tensor"),
+        };
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("instance norm in place is implemented for f32 tensors only");
+        };
+        data[start..end].par_chunks_mut(h * w).for_each(|plane| {
+            let (mean, invstd) = plane_stats(plane);
+            let beta = -(mean * invstd);
+            for v in plane.iter_mut() {
+                // The same arithmetic as `normalize_planes`.
+                *v = ((*v as f64 * invstd as f64 + beta as f64) as f32).max(0.0);
+            }
+        });
+        Ok(())
+    }
+}
+
 /// The forward of the CPU instance norm (followed by a ReLU when `relu`): every `h×w` plane
 /// normalised with its own statistics, as PyTorch's CPU kernel computes it.
 fn normalize_planes(
@@ -321,7 +347,19 @@ impl ConvNormRelu {
 
 impl Module for ConvNormRelu {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        instance_norm_relu(&xs.apply(&self.conv)?)
+        let ys = xs.apply(&self.conv)?;
+        if !ys.track_op()
+            && ys.device().is_cpu()
+            && ys.dtype() == DType::F32
+            && ys.is_contiguous()
+            && ys.rank() == 4
+        {
+            // Inference: the convolution's output is a fresh tensor nobody else holds, so it is
+            // normalised where it lies instead of into a second full-size buffer.
+            ys.inplace_op1(&InstanceNormRelu)?;
+            return Ok(ys);
+        }
+        instance_norm_relu(&ys)
     }
 }
 
