@@ -1,7 +1,7 @@
 //! `dsr test`: metrics on the test split of an MVTec-style folder, a table, `metrics.json` and an
 //! HTML report.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -172,6 +172,66 @@ pub fn evaluate_samples_with(
     batch: usize,
     options: &EvalOptions,
 ) -> Result<()> {
+    evaluate_samples_reusing(
+        model_path,
+        root,
+        samples,
+        out,
+        batch,
+        options,
+        &Known::default(),
+    )
+}
+
+/// Scores and raw maps the same model already computed for some images (the validation pass of
+/// a training run whose validation set is the test set), so that the test does not infer them
+/// a second time.
+#[derive(Debug, Default)]
+pub struct Known<'a> {
+    index: HashMap<&'a Path, usize>,
+    scores: &'a [f32],
+    maps: &'a [f32],
+}
+
+impl<'a> Known<'a> {
+    /// `scores[i]` and the `i`-th map of `maps` belong to `paths[i]`; nothing is known when the
+    /// lengths do not agree.
+    pub fn new(paths: &'a [PathBuf], scores: &'a [f32], maps: &'a [f32]) -> Self {
+        if paths.is_empty() || paths.len() != scores.len() || maps.len() % paths.len() != 0 {
+            return Self::default();
+        }
+        Self {
+            index: paths
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.as_path(), i))
+                .collect(),
+            scores,
+            maps,
+        }
+    }
+
+    /// The score and map of `path`, when known at `pixels` pixels per map.
+    fn get(&self, path: &Path, pixels: usize) -> Option<(f32, &'a [f32])> {
+        let &i = self.index.get(path)?;
+        if self.maps.len() != self.scores.len() * pixels {
+            return None;
+        }
+        Some((self.scores[i], &self.maps[i * pixels..(i + 1) * pixels]))
+    }
+}
+
+/// [`evaluate_samples_with`], taking the score and map of any image found in `known` instead of
+/// inferring it.
+pub fn evaluate_samples_reusing(
+    model_path: &Path,
+    root: &Path,
+    samples: Vec<Sample>,
+    out: &Path,
+    batch: usize,
+    options: &EvalOptions,
+    known: &Known<'_>,
+) -> Result<()> {
     if batch == 0 {
         bail!("--batch must be at least 1");
     }
@@ -217,10 +277,37 @@ pub fn evaluate_samples_with(
         if images.is_empty() {
             continue;
         }
-        let inputs: Vec<&[f32]> = images.iter().map(|i| i.chw.as_slice()).collect();
-        for p in model.predict(&inputs)? {
-            ev.scores.push(p.score);
-            ev.maps.extend(p.map);
+        let first = ev.samples.len() - images.len();
+        let reused: Vec<Option<(f32, &[f32])>> = ev.samples[first..]
+            .iter()
+            .map(|s| known.get(&s.path, pixels))
+            .collect();
+        let inputs: Vec<&[f32]> = images
+            .iter()
+            .zip(&reused)
+            .filter(|(_, r)| r.is_none())
+            .map(|(i, _)| i.chw.as_slice())
+            .collect();
+        let mut predicted = if inputs.is_empty() {
+            Vec::new()
+        } else {
+            model.predict(&inputs)?
+        }
+        .into_iter();
+        for r in reused {
+            match r {
+                Some((score, map)) => {
+                    ev.scores.push(score);
+                    ev.maps.extend_from_slice(map);
+                }
+                None => {
+                    let p = predicted
+                        .next()
+                        .context("the model returned fewer predictions than images")?;
+                    ev.scores.push(p.score);
+                    ev.maps.extend(p.map);
+                }
+            }
         }
     }
     if ev.samples.is_empty() {
@@ -332,5 +419,26 @@ fn print_table(overall: &Metrics, per_type: &BTreeMap<String, Metrics>) {
             line.push_str(&format!(" {v:>11.4}"));
         }
         println!("{line}");
+    }
+}
+
+#[cfg(test)]
+mod known_tests {
+    use super::*;
+
+    #[test]
+    fn known_maps_are_found_by_path_and_inconsistent_input_is_ignored() {
+        let paths = vec![PathBuf::from("a.png"), PathBuf::from("b.png")];
+        let scores = [0.25f32, 0.75];
+        let maps = [1f32, 2., 3., 4., 5., 6., 7., 8.];
+        let known = Known::new(&paths, &scores, &maps);
+        assert_eq!(known.get(Path::new("b.png"), 4), Some((0.75, &maps[4..8])));
+        assert_eq!(known.get(Path::new("a.png"), 4), Some((0.25, &maps[0..4])));
+        assert_eq!(known.get(Path::new("c.png"), 4), None);
+        // A map size that does not match the model's is never used.
+        assert_eq!(known.get(Path::new("a.png"), 3), None);
+        // Lengths that disagree: nothing is known.
+        let none = Known::new(&paths, &scores[..1], &maps);
+        assert_eq!(none.get(Path::new("a.png"), 4), None);
     }
 }

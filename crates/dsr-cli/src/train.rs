@@ -297,12 +297,17 @@ pub fn run_session(session: &Session, device: &Device, test: bool) -> Result<Run
         let cfg = session.config();
         let root = cfg.data.display_root();
         let samples = evaluate::samples_from_entries(&outcome.test, &root)?;
-        evaluate::evaluate_samples(
+        // With the validation set equal to the test set (anomalib's default) the validation
+        // pass has already inferred every test image with this model.
+        let v = &outcome.validation;
+        evaluate::evaluate_samples_reusing(
             &outcome.model,
             &root,
             samples,
             &session.dir().path,
             cfg.data.eval_batch,
+            &evaluate::EvalOptions::default(),
+            &evaluate::Known::new(&v.paths, &v.scores, &v.maps),
         )?;
     }
     Ok(outcome)

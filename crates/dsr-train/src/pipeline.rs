@@ -25,6 +25,13 @@ pub struct Evaluation {
     pub scores: Vec<f32>,
     /// Image labels.
     pub labels: Vec<bool>,
+    /// The evaluated images, in the order of `scores`.
+    #[serde(skip)]
+    pub paths: Vec<std::path::PathBuf>,
+    /// The raw anomaly maps at the model's size, image after image (kept so that a following
+    /// test on the same images need not infer them again).
+    #[serde(skip)]
+    pub maps: Vec<f32>,
     /// Seconds spent in inference.
     pub inference_seconds: f64,
 }
@@ -62,6 +69,8 @@ pub fn evaluate(
         postprocess,
         scores,
         labels,
+        paths: entries.iter().map(|e| e.path.clone()).collect(),
+        maps,
         inference_seconds,
     })
 }
