@@ -143,27 +143,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
 }
 
 /// Evaluates the model in `model_path` on `samples` of the data set `root`; prints the table and
-/// writes `<out>/metrics.json` and `<out>/report.html`. The first unreadable file stops it.
-pub fn evaluate_samples(
-    model_path: &Path,
-    root: &Path,
-    samples: Vec<Sample>,
-    out: &Path,
-    batch: usize,
-) -> Result<()> {
-    evaluate_samples_with(
-        model_path,
-        root,
-        samples,
-        out,
-        batch,
-        &EvalOptions::default(),
-    )
-}
-
-/// [`evaluate_samples`] with a policy for unreadable images and masks: under
-/// [`OnError::Skip`] such a sample is reported on stderr, left out of every metric and listed
-/// under `skipped` in `metrics.json`.
+/// writes `<out>/metrics.json` and `<out>/report.html`. Unreadable images and masks stop it, or
+/// under [`OnError::Skip`] such a sample is reported on stderr, left out of every metric and
+/// listed under `skipped` in `metrics.json`.
 pub fn evaluate_samples_with(
     model_path: &Path,
     root: &Path,
