@@ -175,10 +175,10 @@ impl CustomOp1 for InstanceNormRelu {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let passed = (grad_res * res.gt(0f32)?.to_dtype(DType::F32)?)?;
-        Ok(Some(arg.apply_op2_no_bwd(
-            &passed.contiguous()?,
-            &InstanceNormGrad,
+        Ok(Some(arg.apply_op3_no_bwd(
+            &res.contiguous()?,
+            &grad_res.contiguous()?,
+            &InstanceNormReluGrad,
         )?))
     }
 }
@@ -310,25 +310,78 @@ impl candle_core::CustomOp2 for InstanceNormGrad {
         let xs = contiguous_f32(s1, l1)?;
         let dys = contiguous_f32(s2, l2)?;
         let hw = h * w;
+        let mut dst = dys.to_vec();
+        dst.par_chunks_mut(hw)
+            .zip(xs.par_chunks(hw))
+            .for_each(|(dx, x)| instance_norm_plane_grad(x, dx));
+        Ok((CpuStorage::F32(dst), Shape::from((n, c, h, w))))
+    }
+}
+
+/// The input gradient of instance norm + ReLU from `(x, y, dy)` in one pass per plane: the ReLU
+/// mask is applied while the incoming gradient is copied, with no intermediate tensors.
+#[derive(Debug, Clone, Copy)]
+struct InstanceNormReluGrad;
+
+impl candle_core::CustomOp3 for InstanceNormReluGrad {
+    fn name(&self) -> &'static str {
+        "instance-norm-relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l1.shape().dims4()?;
+        if l2.shape() != l1.shape() || l3.shape() != l1.shape() {
+            candle_core::bail!(
+                "instance-norm + ReLU gradient: shapes {:?}, {:?} and {:?} differ",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        let xs = contiguous_f32(s1, l1)?;
+        let ys = contiguous_f32(s2, l2)?;
+        let dys = contiguous_f32(s3, l3)?;
+        let hw = h * w;
         let mut dst = vec![0f32; n * c * hw];
         dst.par_chunks_mut(hw)
-            .zip(xs.par_chunks(hw).zip(dys.par_chunks(hw)))
-            .for_each(|(dx, (x, dy))| {
-                let (mean, invstd) = plane_stats(x);
-                let (mean, invstd) = (mean as f64, invstd as f64);
-                let mut sum = 0f64;
-                let mut dot = 0f64;
-                for (&xi, &gi) in x.iter().zip(dy) {
-                    sum += gi as f64;
-                    dot += (xi as f64 - mean) * gi as f64;
+            .zip(
+                xs.par_chunks(hw)
+                    .zip(ys.par_chunks(hw).zip(dys.par_chunks(hw))),
+            )
+            .for_each(|(dx, (x, (y, dy)))| {
+                for ((d, &yi), &gi) in dx.iter_mut().zip(y).zip(dy) {
+                    *d = if yi > 0.0 { gi } else { 0.0 };
                 }
-                let k = dot * invstd * invstd / hw as f64;
-                let grad_mean = sum / hw as f64;
-                for ((d, &xi), &gi) in dx.iter_mut().zip(x).zip(dy) {
-                    *d = ((gi as f64 - grad_mean - (xi as f64 - mean) * k) * invstd) as f32;
-                }
+                instance_norm_plane_grad(x, dx);
             });
         Ok((CpuStorage::F32(dst), Shape::from((n, c, h, w))))
+    }
+}
+
+/// The instance-norm input gradient of one plane: `g` holds the output gradient on entry and
+/// the input gradient on return (`x` is the plane's input).
+fn instance_norm_plane_grad(x: &[f32], g: &mut [f32]) {
+    let hw = x.len();
+    let (mean, invstd) = plane_stats(x);
+    let (mean, invstd) = (mean as f64, invstd as f64);
+    let mut sum = 0f64;
+    let mut dot = 0f64;
+    for (&xi, &gi) in x.iter().zip(g.iter()) {
+        sum += gi as f64;
+        dot += (xi as f64 - mean) * gi as f64;
+    }
+    let k = dot * invstd * invstd / hw as f64;
+    let grad_mean = sum / hw as f64;
+    for (d, &xi) in g.iter_mut().zip(x) {
+        *d = ((*d as f64 - grad_mean - (xi as f64 - mean) * k) * invstd) as f32;
     }
 }
 
