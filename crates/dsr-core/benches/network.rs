@@ -4,32 +4,14 @@
 //! `cargo bench -p dsr-core --bench network` (128×128 input by default; `DSR_BENCH_SIZE=256`
 //! for the reference resolution, where one whole forward takes seconds on 2 cores).
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarBuilder;
 use criterion::{criterion_group, criterion_main, Criterion};
 use dsr_core::anomaly_detection::AnomalyDetectionModule;
-use dsr_core::init::{init_seeded, InitScheme};
 use dsr_core::reconstruction::ImageReconstructionNetwork;
 use dsr_core::subspace::SubspaceRestrictionModule;
 use dsr_core::upsampling::UpsamplingModule;
 use dsr_core::{DiscreteLatentModel, DsrConfig, DsrModel};
-
-/// Seeded weights of the whole default model, as plain tensors.
-fn seeded(cfg: &DsrConfig) -> HashMap<String, Tensor> {
-    let varmap = VarMap::new();
-    DsrModel::new(
-        cfg,
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
-    init_seeded(&varmap, 0, InitScheme::Pytorch, &[]).unwrap();
-    let data = varmap.data().lock().unwrap();
-    data.iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect()
-}
 
 fn uniform(shape: &[usize]) -> Tensor {
     Tensor::rand(0f32, 1f32, shape, &Device::Cpu).unwrap()
@@ -42,7 +24,11 @@ fn bench_networks(c: &mut Criterion) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(128);
     let cfg = DsrConfig::default();
-    let vb = VarBuilder::from_tensors(seeded(&cfg), DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(
+        DsrModel::seeded_weights(&cfg, 0).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    );
     let discrete = DiscreteLatentModel::new(&cfg, vb.pp("discrete_latent_model")).unwrap();
     let d = cfg.embedding_dim;
     let srm_hi =

@@ -6,8 +6,7 @@
 //! Prints each stage's time (the median of `--repeat` runs after one warm-up) and its share.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use dsr_core::init::{init_seeded, InitScheme};
+use candle_nn::VarBuilder;
 use dsr_core::{DsrConfig, DsrModel};
 
 fn arg(name: &str, default: usize) -> usize {
@@ -24,20 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The `dsr` binary's allocator settings.
     dsr_core::runtime::tune_allocator();
     let cfg = DsrConfig::default();
-    let varmap = VarMap::new();
-    DsrModel::new(
-        &cfg,
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-    )?;
-    init_seeded(&varmap, 0, InitScheme::Pytorch, &[])?;
     // Plain tensors, as a loaded checkpoint gives them (no autograd tracking).
-    let tensors = varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect();
+    let tensors = DsrModel::seeded_weights(&cfg, 0)?;
     let model = DsrModel::new(
         &cfg,
         VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),

@@ -128,6 +128,39 @@ pub struct DsrModel {
 }
 
 impl DsrModel {
+    /// Every weight of the model for `cfg`, drawn as [`crate::init::init_seeded`] draws them
+    /// (PyTorch's default initialisation) from `seed`, as plain tensors on the CPU under their
+    /// PyTorch keys: a random but reproducible model for benchmarks and smoke runs.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::VarBuilder;
+    /// use dsr_core::{DsrConfig, DsrModel};
+    ///
+    /// let cfg = DsrConfig { num_hiddens: 8, num_residual_hiddens: 4, embedding_dim: 4,
+    ///     num_embeddings: 8, anomaly_detection_module_base_width: 4,
+    ///     upsampling_module_base_width: 4, ..DsrConfig::default() };
+    /// let weights = DsrModel::seeded_weights(&cfg, 7).unwrap();
+    /// let model = DsrModel::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu));
+    /// assert!(model.is_ok());
+    /// ```
+    pub fn seeded_weights(
+        cfg: &DsrConfig,
+        seed: u64,
+    ) -> Result<std::collections::HashMap<String, Tensor>> {
+        let varmap = candle_nn::VarMap::new();
+        Self::new(
+            cfg,
+            VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &candle_core::Device::Cpu),
+        )?;
+        crate::init::init_seeded(&varmap, seed, crate::init::InitScheme::Pytorch, &[])?;
+        let data = varmap.data().lock().expect("varmap lock");
+        Ok(data
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect())
+    }
+
     /// Builds the model for `cfg`, reading every tensor under its PyTorch state_dict key from
     /// `vb`.
     pub fn new(cfg: &DsrConfig, vb: VarBuilder) -> Result<Self> {

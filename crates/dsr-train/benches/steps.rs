@@ -5,68 +5,24 @@
 //!
 //! `cargo bench -p dsr-train --bench steps`
 
-use std::collections::BTreeMap;
-
-use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion};
-use dsr_augment::ImageBatch;
-use dsr_core::init::{init_seeded, InitScheme};
-use dsr_core::weights::Checkpoint;
-use dsr_core::DsrModel;
-use dsr_train::pipeline::small_model;
-use dsr_train::train::{Schedule, TrainConfig, Trainer};
+use dsr_train::pipeline::{small_model, synthetic_trainer};
+use dsr_train::train::Trainer;
 
 const SIZE: usize = 128;
 const BATCH: usize = 2;
 
 fn trainer(phase2_steps: u64, phase3_steps: u64) -> Trainer {
-    let cfg = small_model();
-    let varmap = VarMap::new();
-    DsrModel::new(
-        &cfg,
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    synthetic_trainer(
+        small_model(),
+        SIZE,
+        BATCH,
+        phase2_steps,
+        phase3_steps,
+        &Device::Cpu,
     )
-    .unwrap();
-    init_seeded(&varmap, 1, InitScheme::Pytorch, &[]).unwrap();
-    let tensors = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.starts_with("discrete_latent_model."))
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect();
-    let discrete = Checkpoint {
-        path: "seeded".into(),
-        tensors,
-        config: Some(cfg),
-        image_size: None,
-        metadata: BTreeMap::new(),
-    };
-    let n = 4;
-    let data = (0..n * 3 * SIZE * SIZE)
-        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
-        .collect();
-    let images = ImageBatch {
-        n,
-        c: 3,
-        h: SIZE,
-        w: SIZE,
-        data,
-    };
-    let train_cfg = TrainConfig {
-        model: cfg,
-        image_size: [SIZE, SIZE],
-        batch_size: BATCH,
-        schedule: Schedule::Original {
-            phase2_steps,
-            phase3_steps,
-            lr_drop_fraction: 0.8,
-        },
-        ..TrainConfig::default()
-    };
-    Trainer::new(train_cfg, &discrete, images, &Device::Cpu).unwrap()
+    .unwrap()
 }
 
 fn bench_steps(c: &mut Criterion) {

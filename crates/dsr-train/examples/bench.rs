@@ -13,16 +13,11 @@
 //! `{"mode", "batch", "size", "preset", "seconds": [...], "median_s", "images_per_s", "peak_rss_bytes"}`.
 //! `--preset small` uses the small configuration (quick checks; not comparable to the reference).
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use dsr_augment::ImageBatch;
-use dsr_core::init::{init_seeded, InitScheme};
-use dsr_core::weights::Checkpoint;
+use candle_nn::VarBuilder;
 use dsr_core::{DsrConfig, DsrModel};
-use dsr_train::train::{Schedule, TrainConfig, Trainer};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -32,21 +27,6 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
         .and_then(|i| args.get(i + 1))
         .cloned()
         .unwrap_or_else(|| default.to_string())
-}
-
-/// Seeded weights of the whole model, as plain (untracked) tensors.
-fn seeded_tensors(cfg: &DsrConfig) -> BoxResult<std::collections::HashMap<String, Tensor>> {
-    let varmap = VarMap::new();
-    DsrModel::new(
-        cfg,
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-    )?;
-    init_seeded(&varmap, 0, InitScheme::Pytorch, &[])?;
-    let data = varmap.data().lock().expect("varmap lock");
-    Ok(data
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect())
 }
 
 /// Peak resident set size of this process (`VmHWM`), in bytes; 0 where /proc is missing.
@@ -60,26 +40,6 @@ fn peak_rss_bytes() -> u64 {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
-}
-
-fn random_images(n: usize, size: usize) -> ImageBatch {
-    // A cheap deterministic pattern in [0, 1]: the work does not depend on the values.
-    let mut state = 0x9e37_79b9_u32;
-    let data = (0..n * 3 * size * size)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            (state >> 8) as f32 / (1u32 << 24) as f32
-        })
-        .collect();
-    ImageBatch {
-        n,
-        c: 3,
-        h: size,
-        w: size,
-        data,
-    }
 }
 
 fn time_calls(repeat: usize, mut call: impl FnMut() -> BoxResult<()>) -> BoxResult<Vec<f64>> {
@@ -113,10 +73,9 @@ fn main() -> BoxResult<()> {
         "infer" => {
             let model = DsrModel::new(
                 &cfg,
-                VarBuilder::from_tensors(seeded_tensors(&cfg)?, DType::F32, &device),
+                VarBuilder::from_tensors(DsrModel::seeded_weights(&cfg, 0)?, DType::F32, &device),
             )?;
-            let images = random_images(batch, size);
-            let image = Tensor::from_vec(images.data, (batch, 3, size, size), &device)?;
+            let image = Tensor::rand(0f32, 1f32, (batch, 3, size, size), &device)?;
             time_calls(repeat, || {
                 let out = model.infer(&image)?;
                 std::hint::black_box(out);
@@ -124,36 +83,20 @@ fn main() -> BoxResult<()> {
             })?
         }
         "phase2" | "phase3" => {
-            let tensors = seeded_tensors(&cfg)?
-                .into_iter()
-                .filter(|(k, _)| k.starts_with("discrete_latent_model."))
-                .collect();
-            let discrete = Checkpoint {
-                path: "seeded".into(),
-                tensors,
-                config: Some(cfg),
-                image_size: None,
-                metadata: BTreeMap::new(),
-            };
             let steps = repeat.max(1) as u64 + 1;
             let (phase2_steps, phase3_steps) = if mode == "phase2" {
                 (steps, 0)
             } else {
                 (0, steps)
             };
-            let train_cfg = TrainConfig {
-                model: cfg,
-                image_size: [size, size],
-                batch_size: batch,
-                schedule: Schedule::Original {
-                    phase2_steps,
-                    phase3_steps,
-                    lr_drop_fraction: 0.8,
-                },
-                ..TrainConfig::default()
-            };
-            let mut trainer =
-                Trainer::new(train_cfg, &discrete, random_images(batch, size), &device)?;
+            let mut trainer = dsr_train::pipeline::synthetic_trainer(
+                cfg,
+                size,
+                batch,
+                phase2_steps,
+                phase3_steps,
+                &device,
+            )?;
             time_calls(repeat, || {
                 trainer.train_step()?;
                 Ok(())

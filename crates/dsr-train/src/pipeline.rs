@@ -112,3 +112,45 @@ pub fn small_model() -> DsrConfig {
         upsampling_module_base_width: 16,
     }
 }
+
+/// A phase-2/3 trainer for `model` over `batch` synthetic images of `size`×`size` (a fixed
+/// pattern in [0, 1]) with a discrete model of seeded random weights: the work of real training
+/// steps without data or pretrained weights, for benchmarks and smoke runs. The schedule is
+/// `phase2_steps` then `phase3_steps` steps (original schedule), seed 0.
+pub fn synthetic_trainer(
+    model: DsrConfig,
+    size: usize,
+    batch: usize,
+    phase2_steps: u64,
+    phase3_steps: u64,
+    device: &Device,
+) -> Result<crate::train::Trainer, TrainError> {
+    use crate::train::{Schedule, TrainConfig, Trainer};
+    let tensors = DsrModel::seeded_weights(&model, 0)?
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("discrete_latent_model."))
+        .collect();
+    let discrete = dsr_core::Checkpoint {
+        path: "seeded random weights".into(),
+        tensors,
+        config: Some(model),
+        image_size: None,
+        metadata: Default::default(),
+    };
+    let data = (0..batch * 3 * size * size)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+        .collect();
+    let images = ImageBatch::new(batch, 3, size, size, data)?;
+    let cfg = TrainConfig {
+        model,
+        image_size: [size, size],
+        batch_size: batch,
+        schedule: Schedule::Original {
+            phase2_steps,
+            phase3_steps,
+            lr_drop_fraction: 0.8,
+        },
+        ..TrainConfig::default()
+    };
+    Trainer::new(cfg, &discrete, images, device)
+}
