@@ -54,8 +54,13 @@ impl DeviceArg {
     pub fn device(self) -> Result<Device> {
         match self {
             DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda if !cfg!(feature = "cuda") => bail!(
+                "this dsr binary was built without CUDA support: build it with `cargo build \
+                 --release -p dsr-cli --features cuda` on a machine with a CUDA toolkit, or use \
+                 --device cpu"
+            ),
             DeviceArg::Cuda => Device::new_cuda(0).context(
-                "cannot use the CUDA device (this binary must be built with `--features cuda` on a machine with a CUDA toolkit and a GPU)",
+                "cannot use CUDA GPU 0 (is an NVIDIA GPU with its driver present and visible?)",
             ),
         }
     }

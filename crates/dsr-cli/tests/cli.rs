@@ -444,3 +444,18 @@ fn a_missing_model_exits_with_1_and_names_the_file() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("no-such-model.safetensors"));
 }
+
+/// `--device cuda` on a binary built without the `cuda` feature says how to get one, in one
+/// line, before touching any data.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_on_a_cpu_build_says_how_to_build_with_cuda() {
+    let out = dsr(&["train", "--data", "/nonexistent", "--device", "cuda"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("built without CUDA support") && err.contains("--features cuda"),
+        "{err}"
+    );
+    assert!(!err.contains("nonexistent"), "{err}");
+}
