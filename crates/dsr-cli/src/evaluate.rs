@@ -132,35 +132,13 @@ pub fn run(args: &TestArgs) -> Result<()> {
         bail!("--batch must be at least 1");
     }
     let (root, samples) = scan_test_split(&args.data, args.category.as_deref())?;
-    evaluate_samples_with(
+    evaluate_samples(
         &args.model,
         &root,
         samples,
         &args.out,
         args.batch,
         &args.options,
-    )
-}
-
-/// Evaluates the model in `model_path` on `samples` of the data set `root`; prints the table and
-/// writes `<out>/metrics.json` and `<out>/report.html`. Unreadable images and masks stop it, or
-/// under [`OnError::Skip`] such a sample is reported on stderr, left out of every metric and
-/// listed under `skipped` in `metrics.json`.
-pub fn evaluate_samples_with(
-    model_path: &Path,
-    root: &Path,
-    samples: Vec<Sample>,
-    out: &Path,
-    batch: usize,
-    options: &EvalOptions,
-) -> Result<()> {
-    evaluate_samples_reusing(
-        model_path,
-        root,
-        samples,
-        out,
-        batch,
-        options,
         &Known::default(),
     )
 }
@@ -203,9 +181,12 @@ impl<'a> Known<'a> {
     }
 }
 
-/// [`evaluate_samples_with`], taking the score and map of any image found in `known` instead of
-/// inferring it.
-pub fn evaluate_samples_reusing(
+/// Evaluates the model in `model_path` on `samples` of the data set `root`; prints the table and
+/// writes `<out>/metrics.json` and `<out>/report.html`. The score and map of an image found in
+/// `known` are taken from there instead of inferred. Unreadable images and masks stop it, or
+/// under [`OnError::Skip`] such a sample is reported on stderr, left out of every metric and
+/// listed under `skipped` in `metrics.json`.
+pub fn evaluate_samples(
     model_path: &Path,
     root: &Path,
     samples: Vec<Sample>,

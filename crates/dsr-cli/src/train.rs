@@ -305,7 +305,7 @@ pub fn run_session(session: &Session, device: &Device, test: bool) -> Result<Run
         // With the validation set equal to the test set (anomalib's default) the validation
         // pass has already inferred every test image with this model.
         let v = &outcome.validation;
-        evaluate::evaluate_samples_reusing(
+        evaluate::evaluate_samples(
             &outcome.model,
             &root,
             samples,
