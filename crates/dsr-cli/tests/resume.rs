@@ -123,17 +123,20 @@ fn predict_killed_midway_resumes_to_the_uninterrupted_result() {
         // A temporary file of an interrupted write is cleaned up by the next run.
         std::fs::write(killed.join(".000.png.4242.7.tmp"), b"partial").unwrap();
 
-        let out = dsr(&[
-            "predict",
-            "--model",
-            s(&model),
-            s(&images),
-            "--out",
-            s(&killed),
-            "--batch",
-            "1",
-            "--resume",
-        ]);
+        let resume = || {
+            dsr(&[
+                "predict",
+                "--model",
+                s(&model),
+                s(&images),
+                "--out",
+                s(&killed),
+                "--batch",
+                "1",
+                "--resume",
+            ])
+        };
+        let out = resume();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -169,17 +172,7 @@ fn predict_killed_midway_resumes_to_the_uninterrupted_result() {
         assert_eq!(json["skipped"].as_array().unwrap().len(), 1);
 
         // Resuming a finished run predicts nothing and changes nothing.
-        let out = dsr(&[
-            "predict",
-            "--model",
-            s(&model),
-            s(&images),
-            "--out",
-            s(&killed),
-            "--batch",
-            "1",
-            "--resume",
-        ]);
+        let out = resume();
         // The broken file is tried again (and skipped again) each time.
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
