@@ -11,26 +11,8 @@ use dsr_train::data::{
 };
 use image::{ImageBuffer, ImageFormat, Luma, LumaA, Rgb, RgbImage, Rgba};
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("dsr-bad-inputs-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+mod tempdir;
+use tempdir::TempDir;
 
 /// Writes bits most significant first, with JPEG's 0xFF byte stuffing.
 struct Bits {
@@ -187,7 +169,7 @@ fn outcome(name: &str, path: &Path) -> Result<Vec<f32>, DataError> {
 
 #[test]
 fn every_kind_of_image_loads_or_names_the_file() {
-    let dir = TempDir::new("kinds");
+    let dir = TempDir::new("bad-inputs", "kinds");
     let rgb = image::DynamicImage::ImageRgb8(textured(16, 12));
     let png = encode(&rgb, ImageFormat::Png);
     let jpeg = encode(&rgb, ImageFormat::Jpeg);
@@ -423,7 +405,7 @@ fn permissions_are_bypassed(dir: &TempDir) -> bool {
 #[test]
 fn unreadable_files_and_folders_are_named() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = TempDir::new("perm");
+    let dir = TempDir::new("bad-inputs", "perm");
     let img = dir.path("locked.png");
     textured(8, 8).save(&img).unwrap();
     let sub = dir.path("locked-dir");
@@ -462,7 +444,7 @@ fn gray(path: &Path, v: u8) {
 
 #[test]
 fn bad_data_folders_say_what_to_fix() {
-    let tmp = TempDir::new("folders");
+    let tmp = TempDir::new("bad-inputs", "folders");
     let report = |name: &str, e: &DataError| println!("| {name} | error: `{e}` |");
 
     // Masks: two files with one stem in the mask folder.
@@ -530,7 +512,7 @@ fn bad_data_folders_say_what_to_fix() {
 
 #[test]
 fn skip_or_fail_over_a_set_of_images() {
-    let dir = TempDir::new("policy");
+    let dir = TempDir::new("bad-inputs", "policy");
     let good = dir.path("good.png");
     textured(8, 8).save(&good).unwrap();
     let bad = dir.path("bad.png");

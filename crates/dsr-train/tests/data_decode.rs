@@ -7,28 +7,8 @@ use std::path::{Path, PathBuf};
 use dsr_train::data::{load_batch, load_image, load_sample, DataError, Entry, LoadConfig, OnError};
 use image::{ImageBuffer, Luma, LumaA, Rgb, Rgba};
 
-/// A fresh, empty temporary folder for one test, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("dsr-data-decode-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+mod tempdir;
+use tempdir::TempDir;
 
 /// Writes a palette PNG with the given RGB palette and one index per pixel.
 fn write_palette_png(path: &Path, width: u32, height: u32, palette: &[u8], indices: &[u8]) {
@@ -57,7 +37,7 @@ fn entry(path: PathBuf, mask_path: Option<PathBuf>, label: bool) -> Entry {
 
 #[test]
 fn gray8_is_replicated_to_rgb() {
-    let dir = TempDir::new("gray8");
+    let dir = TempDir::new("data-decode", "gray8");
     let p = dir.path("g.png");
     ImageBuffer::from_fn(4, 3, |x, _| Luma([if x == 0 { 0u8 } else { 128 }]))
         .save(&p)
@@ -72,7 +52,7 @@ fn gray8_is_replicated_to_rgb() {
 
 #[test]
 fn gray16_uses_the_full_range() {
-    let dir = TempDir::new("gray16");
+    let dir = TempDir::new("data-decode", "gray16");
     let p = dir.path("g16.png");
     let values = [0u16, 32768, 65535, 1000];
     ImageBuffer::from_fn(4, 1, |x, _| Luma([values[x as usize]]))
@@ -89,7 +69,7 @@ fn gray16_uses_the_full_range() {
 
 #[test]
 fn gray_alpha_and_rgba_drop_alpha() {
-    let dir = TempDir::new("alpha");
+    let dir = TempDir::new("data-decode", "alpha");
     let la = dir.path("la.png");
     ImageBuffer::from_pixel(2, 2, LumaA([200u8, 0]))
         .save(&la)
@@ -118,7 +98,7 @@ fn gray_alpha_and_rgba_drop_alpha() {
 
 #[test]
 fn rgb_channel_order_is_kept_in_png_bmp_and_tiff() {
-    let dir = TempDir::new("rgb");
+    let dir = TempDir::new("data-decode", "rgb");
     let pixel = |x: u32, y: u32| Rgb([(x * 60) as u8, (y * 80) as u8, 255u8]);
     for ext in ["png", "bmp", "tiff"] {
         let p = dir.path(&format!("rgb.{ext}"));
@@ -149,7 +129,7 @@ fn rgb_channel_order_is_kept_in_png_bmp_and_tiff() {
 
 #[test]
 fn palette_png_expands_to_its_colours() {
-    let dir = TempDir::new("palette");
+    let dir = TempDir::new("data-decode", "palette");
     let p = dir.path("pal.png");
     let palette = [255u8, 0, 0, 0, 255, 0, 10, 20, 30];
     write_palette_png(&p, 3, 1, &palette, &[2, 0, 1]);
@@ -164,7 +144,7 @@ fn palette_png_expands_to_its_colours() {
 
 #[test]
 fn jpeg_constant_gray_decodes_close_to_its_value() {
-    let dir = TempDir::new("jpeg");
+    let dir = TempDir::new("data-decode", "jpeg");
     let p = dir.path("g.jpg");
     ImageBuffer::from_pixel(16, 16, Luma([100u8]))
         .save(&p)
@@ -175,7 +155,7 @@ fn jpeg_constant_gray_decodes_close_to_its_value() {
 
 #[test]
 fn resizing_a_constant_image_keeps_it_constant() {
-    let dir = TempDir::new("constant");
+    let dir = TempDir::new("data-decode", "constant");
     let big = dir.path("big.png");
     ImageBuffer::from_pixel(300, 200, Rgb([30u8, 128, 250]))
         .save(&big)
@@ -198,7 +178,7 @@ fn resizing_a_constant_image_keeps_it_constant() {
 fn downscaling_is_antialiased() {
     // A one-pixel checkerboard downscaled by 3: a non-antialiased bilinear resize would land on
     // single pixels and give 0 or 1, an antialiased one averages to about one half.
-    let dir = TempDir::new("antialias");
+    let dir = TempDir::new("data-decode", "antialias");
     let p = dir.path("checker.png");
     ImageBuffer::from_fn(48, 48, |x, y| {
         Luma([if (x + y) % 2 == 0 { 255u8 } else { 0 }])
@@ -211,7 +191,7 @@ fn downscaling_is_antialiased() {
 
 #[test]
 fn an_image_at_the_model_size_is_returned_unchanged() {
-    let dir = TempDir::new("same-size");
+    let dir = TempDir::new("data-decode", "same-size");
     let p = dir.path("same.png");
     let pixel = |x: u32, y: u32| Rgb([(x * 7 + y) as u8, (x * y) as u8, (255 - x * 3) as u8]);
     ImageBuffer::from_fn(32, 24, pixel).save(&p).unwrap();
@@ -228,7 +208,7 @@ fn an_image_at_the_model_size_is_returned_unchanged() {
 
 #[test]
 fn masks_are_binarised_and_resized_with_nearest() {
-    let dir = TempDir::new("mask");
+    let dir = TempDir::new("data-decode", "mask");
     let image = dir.path("img.png");
     ImageBuffer::from_pixel(4, 4, Luma([9u8]))
         .save(&image)
@@ -326,7 +306,7 @@ fn masks_are_binarised_and_resized_with_nearest() {
 
 #[test]
 fn normal_images_get_zero_masks_and_no_mask_without_masks() {
-    let dir = TempDir::new("zero-mask");
+    let dir = TempDir::new("data-decode", "zero-mask");
     let image = dir.path("good.png");
     ImageBuffer::from_pixel(3, 3, Luma([9u8]))
         .save(&image)
@@ -348,7 +328,7 @@ fn assert_names(err: &DataError, path: &Path) {
 
 #[test]
 fn bad_files_give_errors_naming_the_file() {
-    let dir = TempDir::new("errors");
+    let dir = TempDir::new("data-decode", "errors");
     let cfg = LoadConfig::new(8, 8);
 
     let empty = dir.path("empty.png");
@@ -417,7 +397,7 @@ fn bad_files_give_errors_naming_the_file() {
 
 #[test]
 fn on_error_skip_reports_and_fail_returns_the_first_error() {
-    let dir = TempDir::new("policy");
+    let dir = TempDir::new("data-decode", "policy");
     let a = dir.path("a.png");
     let b = dir.path("b.png");
     let c = dir.path("c.png");
@@ -457,7 +437,7 @@ fn on_error_skip_reports_and_fail_returns_the_first_error() {
 
 #[test]
 fn batches_convert_to_tensors_of_the_right_shape() {
-    let dir = TempDir::new("tensors");
+    let dir = TempDir::new("data-decode", "tensors");
     let a = dir.path("a.png");
     let am = dir.path("a_mask.png");
     let b = dir.path("b.png");

@@ -10,28 +10,8 @@ use dsr_train::data::{
 };
 use image::{ImageBuffer, Luma};
 
-/// A fresh, empty temporary folder for one test, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("dsr-data-layout-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.0.join(rel)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+mod tempdir;
+use tempdir::TempDir;
 
 /// Writes a small gray PNG with a constant value, creating its folder.
 fn gray(path: &Path, value: u8) {
@@ -69,7 +49,7 @@ fn names(entries: &[Entry], root: &Path) -> Vec<String> {
 
 #[test]
 fn mvtec_layout_lists_sorted_files_and_pairs_masks() {
-    let tmp = TempDir::new("mvtec");
+    let tmp = TempDir::new("data-layout", "mvtec");
     let root = tmp.path("data");
     mvtec_category(&root.join("bottle"), true);
     let ds = MvtecDataset::open(&root, Some("bottle")).unwrap();
@@ -134,7 +114,7 @@ fn mvtec_layout_lists_sorted_files_and_pairs_masks() {
 
 #[test]
 fn mvtec_without_ground_truth_has_no_masks() {
-    let tmp = TempDir::new("no-gt");
+    let tmp = TempDir::new("data-layout", "no-gt");
     let cat = tmp.path("cat");
     mvtec_category(&cat, false);
     let ds = MvtecDataset::open(&cat, None).unwrap();
@@ -145,7 +125,7 @@ fn mvtec_without_ground_truth_has_no_masks() {
 
 #[test]
 fn mvtec_layout_errors_name_the_folder_or_file() {
-    let tmp = TempDir::new("mvtec-errors");
+    let tmp = TempDir::new("data-layout", "mvtec-errors");
 
     // Missing category.
     let err = MvtecDataset::open(&tmp.path("nothing"), Some("bottle")).unwrap_err();
@@ -191,7 +171,7 @@ fn mvtec_layout_errors_name_the_folder_or_file() {
 
 #[test]
 fn folder_layout_lists_splits_and_pairs_masks() {
-    let tmp = TempDir::new("folder");
+    let tmp = TempDir::new("data-layout", "folder");
     for i in 0..10 {
         gray(&tmp.path(&format!("ok/{i:02}.png")), i);
     }
@@ -275,7 +255,7 @@ fn folder_layout_lists_splits_and_pairs_masks() {
 
 #[test]
 fn validation_split_is_seeded_and_stratified() {
-    let tmp = TempDir::new("val");
+    let tmp = TempDir::new("data-layout", "val");
     let cat = tmp.path("cat");
     for i in 0..4 {
         gray(&cat.join(format!("train/good/{i}.png")), 1);
@@ -338,7 +318,7 @@ fn validation_split_is_seeded_and_stratified() {
 
 #[test]
 fn prefetching_yields_the_same_batches_as_sequential_loading() {
-    let tmp = TempDir::new("prefetch");
+    let tmp = TempDir::new("data-layout", "prefetch");
     let entries: Vec<Entry> = (0..11u8)
         .map(|i| {
             let p = tmp.path(&format!("img/{i:02}.png"));
