@@ -6,6 +6,7 @@
 //! `DSR_FUZZ_CASES=100000 cargo test -p dsr-train --test fuzz -- --nocapture` is the long run
 //! (see docs/reliability.md); by default 256 cases per target.
 
+mod common;
 #[path = "../../dsr-core/tests/mutate/mod.rs"]
 mod mutate;
 #[path = "../../dsr-core/tests/peak_alloc/mod.rs"]
@@ -15,12 +16,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{Device, Tensor};
+use common::discrete_checkpoint;
 use dsr_augment::{ImageBatch, Recipe};
-use dsr_core::init::{init_seeded, InitScheme};
-use dsr_core::weights::{load_safetensors, save_checkpoint, Checkpoint};
-use dsr_core::{DsrConfig, DsrModel};
+use dsr_core::init::InitScheme;
+use dsr_core::weights::{load_safetensors, save_checkpoint};
+use dsr_core::DsrConfig;
 use dsr_losses::FocalKind;
 use dsr_train::data::{decode_checked, image_to_chw, mask_to_binary};
 use dsr_train::optim::AdamConfig;
@@ -213,27 +214,7 @@ fn number_paths(v: &serde_json::Value, at: &mut Vec<String>, out: &mut Vec<Vec<S
 #[test]
 fn train_state_metadata() {
     let cfg = train_config();
-    let varmap = VarMap::new();
-    DsrModel::new(
-        &cfg.model,
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
-    init_seeded(&varmap, 2, InitScheme::Pytorch, &["discrete_latent_model."]).unwrap();
-    let discrete = Checkpoint {
-        path: "discrete".into(),
-        tensors: varmap
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(k, _)| k.starts_with("discrete_latent_model."))
-            .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
-            .collect(),
-        config: Some(cfg.model),
-        image_size: None,
-        metadata: BTreeMap::new(),
-    };
+    let discrete = discrete_checkpoint(&cfg.model);
     let dir = scratch("state");
     let seed_path = dir.join("seed.safetensors");
     let mut t = Trainer::new(cfg.clone(), &discrete, images(), &Device::Cpu).unwrap();
