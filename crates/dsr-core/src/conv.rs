@@ -411,29 +411,28 @@ impl InplaceOp2 for AddBiasInPlace {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (_, co, h, w) = l1.shape().dims4()?;
         let bias = f32_data(s2, l2, "conv bias")?;
-        if bias.len() != co {
-            candle_core::bail!("conv: {co} output channels but {} biases", bias.len());
-        }
         let Some((start, end)) = l1.contiguous_offsets() else {
             candle_core::bail!("adding a bias in place needs a contiguous tensor");
         };
         let CpuStorage::F32(data) = s1 else {
             candle_core::bail!("adding a bias in place is implemented for f32 tensors only");
         };
-        add_bias_planes(&mut data[start..end], bias, h * w);
-        Ok(())
+        add_bias_planes(&mut data[start..end], bias, l1.shape())
     }
 }
 
-/// `planes[k] += bias[k % bias.len()]` for each `plane_len`-long plane (the same f32 additions
-/// as a broadcast add).
-fn add_bias_planes(values: &mut [f32], bias: &[f32], plane_len: usize) {
-    for (k, plane) in values.chunks_mut(plane_len).enumerate() {
-        let b = bias[k % bias.len()];
-        plane.iter_mut().for_each(|v| *v += b);
+/// Adds `bias[c]` to every value of channel `c` of the NCHW `values` of `shape` (the same f32
+/// additions as a broadcast add); the bias must have one value per channel.
+fn add_bias_planes(values: &mut [f32], bias: &[f32], shape: &Shape) -> candle_core::Result<()> {
+    let (_, co, h, w) = shape.dims4()?;
+    if bias.len() != co {
+        candle_core::bail!("conv: {co} output channels but {} biases", bias.len());
     }
+    for (k, plane) in values.chunks_mut(h * w).enumerate() {
+        plane.iter_mut().for_each(|v| *v += bias[k % co]);
+    }
+    Ok(())
 }
 
 /// The convolution `op` of `xs` with `wmat` as one autograd node, its bias added inside the node
@@ -551,12 +550,7 @@ impl CustomOp3 for ConvBiasOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (mut ys, shape) = self.0.product(s1, l1, s2, l2)?;
-        let bias = f32_data(s3, l3, "conv bias")?;
-        let (_, co, oh, ow) = shape.dims4()?;
-        if bias.len() != co {
-            candle_core::bail!("conv: {co} output channels but {} biases", bias.len());
-        }
-        add_bias_planes(&mut ys, bias, oh * ow);
+        add_bias_planes(&mut ys, f32_data(s3, l3, "conv bias")?, &shape)?;
         Ok((CpuStorage::F32(ys), shape))
     }
 
