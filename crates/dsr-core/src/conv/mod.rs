@@ -1,0 +1,925 @@
+//! Fast CPU convolutions as "im2col + one matrix product", with exact gradients.
+//!
+//! candle 0.11's CPU `conv2d` is a tiled im2col with small matrix products, and its
+//! `conv_transpose2d` is a plain loop nest; both are several times slower than a single large
+//! product per image. Here a convolution is written as two pieces:
+//!
+//! * a data-movement operator, [`Im2Col`] (NCHW planes → a `[c·kh·kw, oh·ow]` matrix of patches
+//!   per image, built from contiguous row copies) or its adjoint [`Col2Im`] (scatter-add of such a
+//!   matrix back onto the planes); each is the other's backward pass;
+//! * one ordinary candle matrix product per image, whose gradient candle already knows.
+//!
+//! A convolution is then `W[co, ci·k²] · im2col(x)`, and a transposed convolution is
+//! `col2im(Wᵀ[co·k², ci] · x)`. The weight gradient comes out of the matrix product as
+//! `grad · colsᵀ`, the input gradient as `col2im(Wᵀ · grad)` (or `Wᵀ`'s counterpart for the
+//! transposed convolution), so every gradient is a large matrix product too.
+//!
+//! The forward product of a convolution is computed the other way round, from a channels-last
+//! patch matrix (`channels_last`), where gemm runs up to 2.7× faster on the full-resolution
+//! layers; it gives the same bits as `W · im2col(x)`.
+//!
+//! Only f32 tensors on the CPU take this path; every other device or dtype uses candle's own
+//! operator, so results are the same everywhere up to rounding.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor,
+};
+use rayon::prelude::*;
+
+mod channels_last;
+
+/// The largest patch matrix (in bytes) built at once; larger batches are processed in groups of
+/// whole images so that the patch matrices of one group stay below this size.
+const COLS_BYTES_LIMIT: usize = 256 << 20;
+
+/// The geometry shared by [`Im2Col`] and [`Col2Im`]: a convolution that maps `channels` planes of
+/// `h`×`w` pixels onto an `oh`×`ow` grid with a `kh`×`kw` kernel, `stride` and zero `pad`, and
+/// the order of the patch matrix's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    /// Rows ordered by kernel tap, then channel (`tap·channels + c`, the order in which PyTorch's
+    /// CPU convolution and candle's accumulate a dot product) when true; by channel, then tap
+    /// (`c·kh·kw + tap`, the order of the weight's memory layout) when false.
+    tap_major: bool,
+    channels: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geometry {
+    /// The geometry of a convolution of `h`×`w` planes; fails when the kernel does not fit.
+    fn new(
+        tap_major: bool,
+        channels: usize,
+        (h, w): (usize, usize),
+        (kh, kw): (usize, usize),
+        stride: usize,
+        pad: usize,
+    ) -> candle_core::Result<Self> {
+        if stride == 0 {
+            candle_core::bail!("convolution: the stride must be positive");
+        }
+        if h + 2 * pad < kh || w + 2 * pad < kw {
+            candle_core::bail!(
+                "convolution: a {kh}×{kw} kernel does not fit a {h}×{w} input padded by {pad}"
+            );
+        }
+        Ok(Self {
+            tap_major,
+            channels,
+            h,
+            w,
+            kh,
+            kw,
+            stride,
+            pad,
+            oh: (h + 2 * pad - kh) / stride + 1,
+            ow: (w + 2 * pad - kw) / stride + 1,
+        })
+    }
+
+    /// Rows of the patch matrix of one image.
+    fn rows(&self) -> usize {
+        self.channels * self.kh * self.kw
+    }
+
+    /// The patch-matrix row of channel `c` under kernel tap `tap` (= ky·kw + kx).
+    fn row(&self, c: usize, tap: usize) -> usize {
+        if self.tap_major {
+            tap * self.channels + c
+        } else {
+            c * self.kh * self.kw + tap
+        }
+    }
+
+    /// The channel and kernel tap of patch-matrix row `r` (the inverse of [`Geometry::row`]).
+    fn channel_and_tap(&self, r: usize) -> (usize, usize) {
+        if self.tap_major {
+            (r % self.channels, r / self.channels)
+        } else {
+            (r / (self.kh * self.kw), r % (self.kh * self.kw))
+        }
+    }
+
+    /// Columns of the patch matrix of one image.
+    fn cols(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// The output positions `lo..hi` along one axis whose input index `o·stride + k − pad` falls
+    /// inside `0..len`, for kernel offset `k` and an output axis of `out` positions.
+    fn valid_range(&self, k: usize, len: usize, out: usize) -> (usize, usize) {
+        let (s, p) = (self.stride, self.pad);
+        let lo = if p > k { (p - k).div_ceil(s) } else { 0 };
+        let hi = if len + p > k {
+            ((len - 1 + p - k) / s + 1).min(out)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+}
+
+/// Unfolds NCHW images `[n, c, h, w]` into patch matrices `[n, c·kh·kw, oh·ow]`; row
+/// [`Geometry::row`]`(c, ky·kw + kx)` holds the input pixel under kernel tap `(ky, kx)` for every
+/// output position, zero where the tap falls on the padding.
+#[derive(Debug, Clone, Copy)]
+struct Im2Col(Geometry);
+
+/// The adjoint of [`Im2Col`]: folds patch matrices `[n, c·kh·kw, oh·ow]` back onto NCHW images
+/// `[n, c, h, w]`, adding up every entry that came from the same pixel.
+#[derive(Debug, Clone, Copy)]
+struct Col2Im(Geometry);
+
+/// The contiguous f32 data of a CPU tensor.
+fn f32_data<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let data = match storage {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("{op} is implemented for f32 tensors only"),
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op} needs a contiguous input"),
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let (n, c, h, w) = layout.shape().dims4()?;
+        if (c, h, w) != (g.channels, g.h, g.w) {
+            candle_core::bail!(
+                "im2col: input {:?} does not match the geometry {g:?}",
+                layout.shape()
+            );
+        }
+        let src = f32_data(storage, layout, "im2col")?;
+        let (rows, cols) = (g.rows(), g.cols());
+        let mut dst = vec![0f32; n * rows * cols];
+        dst.par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(index, row)| {
+                let (image, r) = (index / rows, index % rows);
+                let (channel, tap) = g.channel_and_tap(r);
+                let (ky, kx) = (tap / g.kw, tap % g.kw);
+                let plane_start = (image * g.channels + channel) * h * w;
+                let plane = &src[plane_start..plane_start + h * w];
+                let (y_lo, y_hi) = g.valid_range(ky, h, g.oh);
+                let (x_lo, x_hi) = g.valid_range(kx, w, g.ow);
+                // Rows and columns outside the valid ranges stay zero (the vector starts zeroed).
+                for oy in y_lo..y_hi {
+                    let iy = oy * g.stride + ky - g.pad;
+                    let input = &plane[iy * w..(iy + 1) * w];
+                    let out = &mut row[oy * g.ow + x_lo..oy * g.ow + x_hi];
+                    if g.stride == 1 {
+                        let ix = x_lo + kx - g.pad;
+                        out.copy_from_slice(&input[ix..ix + out.len()]);
+                    } else {
+                        for (o, ox) in out.iter_mut().zip(x_lo..x_hi) {
+                            *o = input[ox * g.stride + kx - g.pad];
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dst), Shape::from((n, rows, cols))))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.contiguous()?.apply_op1(Col2Im(self.0))?))
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let (n, rows, cols) = layout.shape().dims3()?;
+        if (rows, cols) != (g.rows(), g.cols()) {
+            candle_core::bail!(
+                "col2im: input {:?} does not match the geometry {g:?}",
+                layout.shape()
+            );
+        }
+        let src = f32_data(storage, layout, "col2im")?;
+        let (h, w) = (g.h, g.w);
+        let kk = g.kh * g.kw;
+        let image_len = g.rows() * cols;
+        let mut dst = vec![0f32; n * g.channels * h * w];
+        dst.par_chunks_mut(h * w)
+            .enumerate()
+            .for_each(|(index, plane)| {
+                let (image, channel) = (index / g.channels, index % g.channels);
+                let patches = &src[image * image_len..(image + 1) * image_len];
+                for tap in 0..kk {
+                    let start = g.row(channel, tap) * cols;
+                    let row = &patches[start..start + cols];
+                    let (ky, kx) = (tap / g.kw, tap % g.kw);
+                    let (y_lo, y_hi) = g.valid_range(ky, h, g.oh);
+                    let (x_lo, x_hi) = g.valid_range(kx, w, g.ow);
+                    for oy in y_lo..y_hi {
+                        let iy = oy * g.stride + ky - g.pad;
+                        let out = &mut plane[iy * w..(iy + 1) * w];
+                        let input = &row[oy * g.ow + x_lo..oy * g.ow + x_hi];
+                        if g.stride == 1 {
+                            let ix = x_lo + kx - g.pad;
+                            for (o, &v) in out[ix..ix + input.len()].iter_mut().zip(input) {
+                                *o += v;
+                            }
+                        } else {
+                            for (&v, ox) in input.iter().zip(x_lo..x_hi) {
+                                out[ox * g.stride + kx - g.pad] += v;
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dst), Shape::from((n, g.channels, h, w))))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.contiguous()?.apply_op1(Im2Col(self.0))?))
+    }
+}
+
+/// Runs `f` on the contiguous f32 values of a CPU tensor (made contiguous first if needed).
+fn with_f32_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => Ok(f(f32_data(cpu, layout, "conv")?)),
+        _ => candle_core::bail!("conv: the fast path needs a CPU tensor"),
+    }
+}
+
+/// Whether the fast path applies: f32 input and weight on the CPU.
+fn fast_path(xs: &Tensor, weight: &Tensor) -> bool {
+    xs.device().is_cpu()
+        && weight.device().is_cpu()
+        && xs.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+}
+
+/// Adds a per-channel bias `[c]` to an NCHW tensor.
+fn add_bias(ys: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b) => ys.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+        None => Ok(ys),
+    }
+}
+
+/// Applies `f` to groups of whole images of `xs` so that each group's patch matrices take at
+/// most `limit` bytes (`per_image` bytes per image), and concatenates the results.
+fn in_groups(
+    xs: &Tensor,
+    per_image: usize,
+    limit: usize,
+    f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let n = xs.dim(0)?;
+    let group = (limit / per_image.max(1)).max(1);
+    if n <= group {
+        return f(xs);
+    }
+    let parts = (0..n)
+        .step_by(group)
+        .map(|start| f(&xs.narrow(0, start, group.min(n - start))?))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)
+}
+
+/// A 2-D convolution (cross-correlation, as in PyTorch) of `xs` `[n, ci, h, w]` with `weight`
+/// `[co, ci, kh, kw]`, equal `stride` and zero `padding` on both axes, no dilation or groups, and
+/// an optional `bias` `[co]`. Returns `[n, co, oh, ow]`.
+///
+/// f32 tensors on the CPU use im2col + one matrix product per image (gradients included);
+/// anything else uses candle's `conv2d`.
+pub fn conv2d(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    conv2d_limited(xs, weight, bias, stride, padding, COLS_BYTES_LIMIT)
+}
+
+/// [`conv2d`] with an explicit bound on the bytes of patch matrices built at once.
+fn conv2d_limited(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    limit: usize,
+) -> candle_core::Result<Tensor> {
+    if !fast_path(xs, weight) {
+        let ys = xs.conv2d(weight, padding, stride, 1, 1)?;
+        return add_bias(ys, bias);
+    }
+    let (_, ci, h, w) = xs.dims4()?;
+    let (co, wci, kh, kw) = weight.dims4()?;
+    if wci != ci {
+        candle_core::bail!("conv2d: input has {ci} channels, the weight expects {wci}");
+    }
+    // Tap-major rows make each output a dot product summed in the same order as PyTorch's CPU
+    // convolution; the weight is reordered to match (a small copy, differentiable).
+    let g = Geometry::new(true, ci, (h, w), (kh, kw), stride, padding)?;
+    let wmat = weight
+        .permute((0, 2, 3, 1))?
+        .contiguous()?
+        .reshape((co, g.rows()))?;
+    let xs = xs.contiguous()?;
+    let pointwise = kh == 1 && kw == 1 && stride == 1 && padding == 0;
+    let per_image = if pointwise {
+        0
+    } else {
+        g.rows() * g.cols() * 4
+    };
+    if pointwise {
+        // The "patch matrix" is a view of the input: nothing extra stays alive for the backward.
+        let ys = in_groups(&xs, per_image, limit, |chunk| {
+            let m = chunk.dim(0)?;
+            wmat.broadcast_left(m)?
+                .matmul(&chunk.reshape((m, ci, h * w))?)?
+                .reshape((m, co, g.oh, g.ow))
+        })?;
+        return add_bias_fresh(ys, bias);
+    }
+    // One autograd node whose backward rebuilds the patch matrices group by group: training then
+    // keeps only the input and the weight of each convolution alive (as PyTorch does), not its
+    // patch matrix (9× the input for a 3×3 kernel; at 256×256 that made a phase-2 step need more
+    // than 23 GB).
+    if xs.track_op() || wmat.track_op() {
+        return tracked(&xs, &wmat, bias, ConvOp::new(Kind::Conv, g, limit));
+    }
+    // Nothing to differentiate (inference): straight from the tensors' storage, bias included.
+    let f32_bias = bias.filter(|b| b.dtype() == DType::F32 && b.device().is_cpu() && b.rank() == 1);
+    let ys = with_f32_data(&xs, |x| {
+        with_f32_data(&wmat, |w| match f32_bias {
+            Some(b) => with_f32_data(b, |b| channels_last::conv2d_forward(&g, x, w, co, Some(b)))?,
+            None => channels_last::conv2d_forward(&g, x, w, co, None),
+        })?
+    })??;
+    let ys = Tensor::from_vec(ys, (xs.dim(0)?, co, g.oh, g.ow), &Device::Cpu)?;
+    match f32_bias {
+        Some(_) => Ok(ys),
+        None => add_bias(ys, bias),
+    }
+}
+
+/// [`add_bias`] for a freshly computed, untracked product that nothing else holds: the bias is
+/// added where the values lie (no second full-size buffer) when it is an f32 CPU vector.
+fn add_bias_fresh(ys: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b)
+            if !ys.track_op()
+                && !b.track_op()
+                && ys.device().is_cpu()
+                && ys.dtype() == DType::F32
+                && b.dtype() == DType::F32
+                && b.rank() == 1
+                && ys.is_contiguous() =>
+        {
+            ys.inplace_op2(&b.contiguous()?, &AddBiasInPlace)?;
+            Ok(ys)
+        }
+        _ => add_bias(ys, bias),
+    }
+}
+
+/// Adds a per-channel bias `[c]` to a contiguous NCHW f32 tensor in place.
+#[derive(Debug, Clone, Copy)]
+struct AddBiasInPlace;
+
+impl InplaceOp2 for AddBiasInPlace {
+    fn name(&self) -> &'static str {
+        "add-bias-inplace"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let bias = f32_data(s2, l2, "conv bias")?;
+        let Some((start, end)) = l1.contiguous_offsets() else {
+            candle_core::bail!("adding a bias in place needs a contiguous tensor");
+        };
+        let CpuStorage::F32(data) = s1 else {
+            candle_core::bail!("adding a bias in place is implemented for f32 tensors only");
+        };
+        add_bias_planes(&mut data[start..end], bias, l1.shape())
+    }
+}
+
+/// Adds `bias[c]` to every value of channel `c` of the NCHW `values` of `shape` (the same f32
+/// additions as a broadcast add); the bias must have one value per channel.
+fn add_bias_planes(values: &mut [f32], bias: &[f32], shape: &Shape) -> candle_core::Result<()> {
+    let (_, co, h, w) = shape.dims4()?;
+    if bias.len() != co {
+        candle_core::bail!("conv: {co} output channels but {} biases", bias.len());
+    }
+    for (k, plane) in values.chunks_mut(h * w).enumerate() {
+        plane.iter_mut().for_each(|v| *v += bias[k % co]);
+    }
+    Ok(())
+}
+
+/// The convolution `op` of `xs` with `wmat` as one autograd node, its bias added inside the node
+/// when there is one: a separate addition would keep the unbiased output alive for the backward
+/// too (one more activation per convolution; at 256×256, batch 8, about 1.2 GB of a phase-2
+/// step).
+fn tracked(
+    xs: &Tensor,
+    wmat: &Tensor,
+    bias: Option<&Tensor>,
+    op: ConvOp,
+) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b) if b.dtype() == DType::F32 && b.device().is_cpu() && b.rank() == 1 => {
+            xs.apply_op3(wmat, &b.contiguous()?, ConvBiasOp(op))
+        }
+        _ => add_bias(xs.apply_op2(wmat, op)?, bias),
+    }
+}
+
+/// The product of [`ConvOp`] on plain (graph-free) tensors.
+fn conv_product(
+    kind: Kind,
+    g: Geometry,
+    limit: usize,
+    xs: &Tensor,
+    wmat: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let per_image = g.rows() * g.cols() * 4;
+    match kind {
+        Kind::Conv => candle_core::bail!("conv: the convolution runs in channels_last"),
+        Kind::Transposed => {
+            let (_, ci, h, w) = xs.dims4()?;
+            in_groups(xs, per_image, limit, |chunk| {
+                let m = chunk.dim(0)?;
+                wmat.broadcast_left(m)?
+                    .matmul(&chunk.reshape((m, ci, h * w))?)?
+                    .apply_op1(Col2Im(g))
+            })
+        }
+    }
+}
+
+/// Which product [`ConvGrad`] differentiates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `y_i = W · im2col(x_i)`, `W` `[co, rows]`.
+    Conv,
+    /// `y_i = col2im(W · x_i)`, `W` `[rows, ci]`.
+    Transposed,
+}
+
+/// A convolution (or transposed convolution) of `x` with the weight matrix `W` as one autograd
+/// node.
+///
+/// Forward: the product described by [`Kind`], computed group by group ([`conv_product`]).
+/// Backward: the gradients of `x` and `W`, with the patch matrices rebuilt from `x` (or from the
+/// incoming gradient) in groups of whole images bounded by `limit` bytes. The weight gradient
+/// adds the images' contributions one by one in batch order, so grouping does not change a
+/// single bit.
+#[derive(Debug, Clone, Copy)]
+struct ConvOp {
+    kind: Kind,
+    g: Geometry,
+    limit: usize,
+}
+
+impl ConvOp {
+    fn new(kind: Kind, g: Geometry, limit: usize) -> Self {
+        Self { kind, g, limit }
+    }
+
+    /// The forward product of the operands' storages plus the per-channel `bias` if any, as a
+    /// flat vector and its shape.
+    fn product(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        bias: Option<&[f32]>,
+    ) -> candle_core::Result<(Vec<f32>, Shape)> {
+        if self.kind == Kind::Conv {
+            let (co, _) = l2.shape().dims2()?;
+            let n = l1.shape().dims4()?.0;
+            let ys = channels_last::conv2d_forward(
+                &self.g,
+                f32_data(s1, l1, "conv")?,
+                f32_data(s2, l2, "conv")?,
+                co,
+                bias,
+            )?;
+            return Ok((ys, Shape::from((n, co, self.g.oh, self.g.ow))));
+        }
+        // Plain tensors over copies of the operands (transient; the graph keeps only `x`, `W`
+        // and the result).
+        let xs = Tensor::from_slice(f32_data(s1, l1, "conv")?, l1.shape(), &Device::Cpu)?;
+        let wmat = Tensor::from_slice(f32_data(s2, l2, "conv")?, l2.shape(), &Device::Cpu)?;
+        let ys = conv_product(self.kind, self.g, self.limit, &xs, &wmat)?;
+        let shape = ys.shape().clone();
+        let mut ys = ys.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(b) = bias {
+            add_bias_planes(&mut ys, b, &shape)?;
+        }
+        Ok((ys, shape))
+    }
+}
+
+/// [`ConvOp`] followed by the per-channel bias, as one autograd node.
+#[derive(Debug, Clone, Copy)]
+struct ConvBiasOp(ConvOp);
+
+impl CustomOp3 for ConvBiasOp {
+    fn name(&self) -> &'static str {
+        "conv-im2col-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let bias = f32_data(s3, l3, "conv bias")?;
+        let (ys, shape) = self.0.product(s1, l1, s2, l2, Some(bias))?;
+        Ok((CpuStorage::F32(ys), shape))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        wmat: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw) = self.0.bwd(xs, wmat, res, grad)?;
+        let gb = grad.detach().sum((0, 2, 3))?;
+        Ok((gx, gw, Some(gb)))
+    }
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        "conv-im2col"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (ys, shape) = self.product(s1, l1, s2, l2, None)?;
+        Ok((CpuStorage::F32(ys), shape))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        wmat: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (xs, wmat, grad) = (
+            xs.detach().contiguous()?,
+            wmat.detach(),
+            grad.detach().contiguous()?,
+        );
+        let g = self.g;
+        let n = xs.dim(0)?;
+        let per_image = g.rows() * g.cols() * 4;
+        let group = (self.limit / per_image.max(1)).max(1);
+        let mut grad_x = Vec::new();
+        let mut grad_w: Option<Tensor> = None;
+        let mut accumulate = |gw: Tensor| -> candle_core::Result<()> {
+            grad_w = Some(match grad_w.take() {
+                Some(acc) => (acc + gw)?,
+                None => gw,
+            });
+            Ok(())
+        };
+        for start in (0..n).step_by(group) {
+            let m = group.min(n - start);
+            let x = xs.narrow(0, start, m)?;
+            let gy = grad.narrow(0, start, m)?;
+            match self.kind {
+                Kind::Conv => {
+                    let (co, _) = wmat.dims2()?;
+                    let gy = gy.reshape((m, co, g.cols()))?;
+                    let cols = x.apply_op1(Im2Col(g))?;
+                    grad_x.push(
+                        wmat.t()?
+                            .broadcast_left(m)?
+                            .matmul(&gy)?
+                            .apply_op1(Col2Im(g))?,
+                    );
+                    for i in 0..m {
+                        accumulate(gy.get(i)?.matmul(&cols.get(i)?.t()?)?)?;
+                    }
+                }
+                Kind::Transposed => {
+                    let (_, ci) = wmat.dims2()?;
+                    let (h, w) = (g.oh, g.ow);
+                    let x = x.reshape((m, ci, h * w))?;
+                    let gmid = gy.apply_op1(Im2Col(g))?;
+                    grad_x.push(
+                        wmat.t()?
+                            .broadcast_left(m)?
+                            .matmul(&gmid)?
+                            .reshape((m, ci, h, w))?,
+                    );
+                    for i in 0..m {
+                        accumulate(gmid.get(i)?.matmul(&x.get(i)?.t()?)?)?;
+                    }
+                }
+            }
+        }
+        Ok((Some(Tensor::cat(&grad_x, 0)?), grad_w))
+    }
+}
+
+/// A 2-D transposed convolution of `xs` `[n, ci, h, w]` with `weight` `[ci, co, kh, kw]`
+/// (PyTorch's layout), equal `stride` and `padding` on both axes, no output padding, dilation or
+/// groups, and an optional `bias` `[co]`. Returns `[n, co, (h−1)·stride − 2·padding + kh, …]`.
+///
+/// f32 tensors on the CPU use one matrix product per image followed by col2im (gradients
+/// included); anything else uses candle's `conv_transpose2d`.
+pub fn conv_transpose2d(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    conv_transpose2d_limited(xs, weight, bias, stride, padding, COLS_BYTES_LIMIT)
+}
+
+/// [`conv_transpose2d`] with an explicit bound on the bytes of patch matrices built at once.
+fn conv_transpose2d_limited(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    limit: usize,
+) -> candle_core::Result<Tensor> {
+    if !fast_path(xs, weight) {
+        let ys = xs.conv_transpose2d(weight, padding, 0, stride, 1)?;
+        return add_bias(ys, bias);
+    }
+    let (_, ci, h, w) = xs.dims4()?;
+    let (wci, co, kh, kw) = weight.dims4()?;
+    if wci != ci {
+        candle_core::bail!("conv_transpose2d: input has {ci} channels, the weight expects {wci}");
+    }
+    if stride == 0 {
+        candle_core::bail!("conv_transpose2d: the stride must be positive");
+    }
+    let (oh, ow) = ((h - 1) * stride + kh, (w - 1) * stride + kw);
+    if oh <= 2 * padding || ow <= 2 * padding {
+        candle_core::bail!("conv_transpose2d: padding {padding} leaves an empty output");
+    }
+    let (oh, ow) = (oh - 2 * padding, ow - 2 * padding);
+    // The transposed convolution is the adjoint of the convolution mapping oh×ow onto h×w.
+    // Each output sums over the input channels inside the matrix product, in their natural order,
+    // so the rows keep the weight's own layout (channel, then tap) and need no reordering.
+    let g = Geometry::new(false, co, (oh, ow), (kh, kw), stride, padding)?;
+    debug_assert_eq!((g.oh, g.ow), (h, w));
+    let wmat = weight.reshape((ci, g.rows()))?.t()?.contiguous()?;
+    let xs = xs.contiguous()?;
+    // As in `conv2d`: one autograd node, so that the `[rows, h·w]` products do not stay alive
+    // until the backward.
+    if xs.track_op() || wmat.track_op() {
+        return tracked(&xs, &wmat, bias, ConvOp::new(Kind::Transposed, g, limit));
+    }
+    add_bias_fresh(conv_product(Kind::Transposed, g, limit, &xs, &wmat)?, bias)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn ramp(shape: &[usize], scale: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 113) as f32 / 113.0 - 0.5) * scale)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Runs `f` on the whole batch and in groups of one image (a tiny byte limit), and checks
+    /// that outputs and all gradients agree exactly.
+    fn grouping_is_invisible(
+        f: impl Fn(&Tensor, &Tensor, &Tensor, usize) -> candle_core::Result<Tensor>,
+        x_shape: &[usize],
+        w_shape: &[usize],
+        co: usize,
+    ) {
+        let x = Var::from_tensor(&ramp(x_shape, 1.0)).unwrap();
+        let wt = Var::from_tensor(&ramp(w_shape, 0.3)).unwrap();
+        let b = Var::from_tensor(&ramp(&[co], 0.1)).unwrap();
+        let whole = f(x.as_tensor(), wt.as_tensor(), b.as_tensor(), usize::MAX).unwrap();
+        let grouped = f(x.as_tensor(), wt.as_tensor(), b.as_tensor(), 1).unwrap();
+        assert_eq!(max_diff(&whole, &grouped), 0.0);
+        let r = ramp(whole.dims(), 2.0);
+        let g1 = (whole * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (grouped * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &wt, &b] {
+            let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
+            assert!(d < 1e-5, "gradient differs by {d}");
+        }
+    }
+
+    #[test]
+    fn image_groups_give_the_same_convolution() {
+        grouping_is_invisible(
+            |x, w, b, limit| conv2d_limited(x, w, Some(b), 1, 1, limit),
+            &[3, 2, 6, 5],
+            &[4, 2, 3, 3],
+            4,
+        );
+        grouping_is_invisible(
+            |x, w, b, limit| conv2d_limited(x, w, Some(b), 2, 1, limit),
+            &[3, 2, 7, 6],
+            &[4, 2, 4, 4],
+            4,
+        );
+    }
+
+    #[test]
+    fn image_groups_give_the_same_transposed_convolution() {
+        grouping_is_invisible(
+            |x, w, b, limit| conv_transpose2d_limited(x, w, Some(b), 2, 1, limit),
+            &[3, 4, 5, 6],
+            &[4, 2, 4, 4],
+            2,
+        );
+    }
+
+    /// The values of a tensor.
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn channels_last_forward_is_bit_identical_to_the_patch_matrix_product() {
+        // Channel counts around the transposition tile, strides, kernels, one row per band and
+        // whole images per band.
+        for (n, c, co, (h, w), k, stride, pad) in [
+            (2, 3, 5, (9, 11), 3, 1, 1),
+            (1, 17, 33, (20, 18), 3, 1, 1),
+            (2, 16, 16, (16, 16), 3, 1, 1),
+            (2, 6, 4, (12, 10), 4, 2, 1),
+            (1, 5, 7, (9, 8), 3, 1, 0),
+            (2, 4, 3, (7, 9), 1, 1, 0),
+        ] {
+            let g = Geometry::new(true, c, (h, w), (k, k), stride, pad).unwrap();
+            let x = ramp(&[n, c, h, w], 1.0);
+            let wmat = ramp(&[co, g.rows()], 0.3);
+            let bias = values(&ramp(&[co], 0.1));
+            let cols = x.apply_op1(Im2Col(g)).unwrap();
+            let expected = wmat.broadcast_left(n).unwrap().matmul(&cols).unwrap();
+            let mut expected = values(&expected);
+            add_bias_planes(&mut expected, &bias, &Shape::from((n, co, g.oh, g.ow))).unwrap();
+            for band_bytes in [1, 4 * g.ow * g.rows() * 3, usize::MAX / 2] {
+                let ours = channels_last::conv2d_forward_banded(
+                    &g,
+                    &values(&x),
+                    &values(&wmat),
+                    co,
+                    Some(&bias),
+                    band_bytes,
+                )
+                .unwrap();
+                assert_eq!(ours, expected, "{g:?}, bands of {band_bytes} bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn untracked_and_tracked_convolutions_agree_exactly() {
+        // Inference (plain tensors) and training (variables) take different entry points into
+        // the same kernel; the outputs must not differ by a bit.
+        let x = ramp(&[2, 5, 10, 9], 1.0);
+        let w = ramp(&[6, 5, 3, 3], 0.3);
+        let b = ramp(&[6], 0.1);
+        let plain = conv2d(&x, &w, Some(&b), 1, 1).unwrap();
+        let (xv, wv, bv) = (
+            Var::from_tensor(&x).unwrap(),
+            Var::from_tensor(&w).unwrap(),
+            Var::from_tensor(&b).unwrap(),
+        );
+        let tracked = conv2d(xv.as_tensor(), wv.as_tensor(), Some(bv.as_tensor()), 1, 1).unwrap();
+        assert!(tracked.track_op());
+        assert_eq!(values(&plain), values(&tracked));
+        let unbiased = conv2d(&x, &w, None, 1, 1).unwrap();
+        let rebiased = unbiased
+            .broadcast_add(&b.reshape((1, 6, 1, 1)).unwrap())
+            .unwrap();
+        assert_eq!(values(&plain), values(&rebiased));
+    }
+
+    #[test]
+    fn rows_and_their_inverse_agree_in_both_orders() {
+        for tap_major in [true, false] {
+            let g = Geometry::new(tap_major, 5, (8, 8), (3, 4), 1, 1).unwrap();
+            let mut seen = vec![false; g.rows()];
+            for c in 0..5 {
+                for tap in 0..12 {
+                    let r = g.row(c, tap);
+                    assert!(!seen[r], "row {r} used twice");
+                    seen[r] = true;
+                    assert_eq!(g.channel_and_tap(r), (c, tap));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn valid_ranges_cover_exactly_the_inside_taps() {
+        for (len, k, s, p) in [
+            (7, 3, 1, 1),
+            (8, 4, 2, 1),
+            (9, 4, 2, 1),
+            (5, 1, 1, 0),
+            (6, 3, 2, 0),
+        ] {
+            let g = Geometry::new(true, 1, (len, len), (k, k), s, p).unwrap();
+            for tap in 0..k {
+                let (lo, hi) = g.valid_range(tap, len, g.oh);
+                for o in 0..g.oh {
+                    let i = (o * s + tap) as isize - p as isize;
+                    let inside = i >= 0 && (i as usize) < len;
+                    assert_eq!(inside, (lo..hi).contains(&o), "len {len} k {k} s {s} p {p}");
+                }
+            }
+        }
+    }
+}
