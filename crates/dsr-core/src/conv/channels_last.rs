@@ -219,3 +219,196 @@ fn scatter_band(
             }
         });
 }
+
+/// The gradients of [`conv2d_forward`] (without its bias) for the output gradient `gy`
+/// (`[n, co, g.oh, g.ow]`): the input gradient `[n, c, h, w]` and the weight-matrix gradient
+/// `[co, kh·kw·c]`, both as flat vectors.
+///
+/// Per band of output rows, with the band's channels-last patch matrix `P` (`[m, k]`) and output
+/// gradient `G` (`[co, m]`, a view of `gy`): `∂W += G · P` and `∂P = Gᵀ · W`, whose rows are then
+/// added onto a padded channels-last input gradient (the adjoint of building `P`), which is
+/// transposed back to NCHW at the end of each image. Both products are read and written along
+/// rows, as in the forward.
+pub(super) fn conv2d_backward(
+    g: &Geometry,
+    xs: &[f32],
+    wmat: &[f32],
+    co: usize,
+    gy: &[f32],
+) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    conv2d_backward_banded(g, xs, wmat, co, gy, BAND_BYTES)
+}
+
+/// [`conv2d_backward`] with bands of about `band_bytes` of patch matrix.
+pub(super) fn conv2d_backward_banded(
+    g: &Geometry,
+    xs: &[f32],
+    wmat: &[f32],
+    co: usize,
+    gy: &[f32],
+    band_bytes: usize,
+) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    if !g.tap_major {
+        candle_core::bail!("channels-last convolution: the weight columns must be tap-major");
+    }
+    let (c, h, w, p) = (g.channels, g.h, g.w, g.pad);
+    let k = g.rows();
+    let image_len = c * h * w;
+    let out_plane = g.oh * g.ow;
+    if image_len == 0 || xs.len() % image_len != 0 || wmat.len() != co * k {
+        candle_core::bail!(
+            "channels-last convolution backward: {} input and {} weight values for {c}×{h}×{w} \
+             images and a {co}×{k} matrix",
+            xs.len(),
+            wmat.len()
+        );
+    }
+    let n = xs.len() / image_len;
+    if gy.len() != n * co * out_plane {
+        candle_core::bail!(
+            "channels-last convolution backward: {} output-gradient values for {n}×{co}×{}×{}",
+            gy.len(),
+            g.oh,
+            g.ow
+        );
+    }
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    let band_rows = (band_bytes / (g.ow * k * 4).max(1)).clamp(1, g.oh.max(1));
+    let mut padded = vec![0f32; hp * wp * c];
+    let mut grad_padded = vec![0f32; hp * wp * c];
+    let mut cols = vec![0f32; band_rows * g.ow * k];
+    let mut grad_x = vec![0f32; n * image_len];
+    let mut grad_w = vec![0f32; co * k];
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    let mut first_product = true;
+    for ((image, gy_image), gx_image) in xs
+        .chunks_exact(image_len)
+        .zip(gy.chunks_exact(co * out_plane))
+        .zip(grad_x.chunks_exact_mut(image_len))
+    {
+        to_padded_channels_last(g, image, &mut padded);
+        grad_padded.fill(0.0);
+        for oy0 in (0..g.oh).step_by(band_rows) {
+            let rows = band_rows.min(g.oh - oy0);
+            let m = rows * g.ow;
+            let cols = &mut cols[..m * k];
+            let band_gy = &gy_image[oy0 * g.ow..];
+            fill_patches(g, &padded, oy0, cols);
+            // SAFETY (both products): every operand is a view of a live buffer whose extent the
+            // sizes and strides passed stay inside (`G` is `co` rows of `out_plane` values from
+            // the band's first pixel on, so its last element is within `gy_image`); only the
+            // destination is written and nothing else refers to it.
+            unsafe {
+                // ∂W [co, k] (+)= G [co, m] · P [m, k]
+                gemm::gemm(
+                    co,
+                    k,
+                    m,
+                    grad_w.as_mut_ptr(),
+                    1,
+                    k as isize,
+                    !first_product,
+                    band_gy.as_ptr(),
+                    1,
+                    out_plane as isize,
+                    cols.as_ptr(),
+                    1,
+                    k as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+                // ∂P [m, k] = Gᵀ [m, co] · W [co, k], written over the patch matrix.
+                gemm::gemm(
+                    m,
+                    k,
+                    co,
+                    cols.as_mut_ptr(),
+                    1,
+                    k as isize,
+                    false,
+                    band_gy.as_ptr(),
+                    out_plane as isize,
+                    1,
+                    wmat.as_ptr(),
+                    1,
+                    k as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+            first_product = false;
+            add_patches(g, cols, oy0, &mut grad_padded);
+        }
+        from_padded_channels_last(g, &grad_padded, gx_image);
+    }
+    Ok((grad_x, grad_w))
+}
+
+/// The adjoint of [`fill_patches`]: adds the patch rows of the output rows `oy0..` in `cols` onto
+/// the padded channels-last `grad` at the pixels they were read from.
+fn add_patches(g: &Geometry, cols: &[f32], oy0: usize, grad: &mut [f32]) {
+    let c = g.channels;
+    let k = g.rows();
+    let wp = g.w + 2 * g.pad;
+    let run = g.kw * c;
+    let rows = cols.len() / (g.ow * k);
+    // One pass per kernel row: within a pass every output row adds onto its own padded row, so
+    // the rows can be handled in parallel.
+    for ky in 0..g.kh {
+        grad.par_chunks_exact_mut(wp * c)
+            .enumerate()
+            .for_each(|(py, row)| {
+                if py < ky || (py - ky) % g.stride != 0 {
+                    return;
+                }
+                let oy = (py - ky) / g.stride;
+                if oy < oy0 || oy >= oy0 + rows {
+                    return;
+                }
+                let band_row = &cols[(oy - oy0) * g.ow * k..(oy - oy0 + 1) * g.ow * k];
+                for (ox, patch) in band_row.chunks_exact(k).enumerate() {
+                    let start = ox * g.stride * c;
+                    let dst = &mut row[start..start + run];
+                    for (d, &v) in dst.iter_mut().zip(&patch[ky * run..(ky + 1) * run]) {
+                        *d += v;
+                    }
+                }
+            });
+    }
+}
+
+/// The adjoint of [`to_padded_channels_last`]: the NCHW image of the inner (unpadded) pixels.
+fn from_padded_channels_last(g: &Geometry, padded: &[f32], image: &mut [f32]) {
+    let (c, h, w, p) = (g.channels, g.h, g.w, g.pad);
+    let wp = w + 2 * p;
+    // Tiles of TILE channels × TILE pixels, as in `scatter_band`.
+    image
+        .par_chunks_mut(TILE * h * w)
+        .enumerate()
+        .for_each(|(block, planes)| {
+            for y in 0..h {
+                let row = &padded[(y + p) * wp * c..(y + p + 1) * wp * c];
+                for x0 in (0..w).step_by(TILE) {
+                    for (j, plane) in planes.chunks_exact_mut(h * w).enumerate() {
+                        let ch = block * TILE + j;
+                        for x in x0..(x0 + TILE).min(w) {
+                            plane[y * w + x] = row[(x + p) * c + ch];
+                        }
+                    }
+                }
+            }
+        });
+}

@@ -634,6 +634,18 @@ impl CustomOp2 for ConvOp {
             grad.detach().contiguous()?,
         );
         let g = self.g;
+        if self.kind == Kind::Conv {
+            let (co, k) = wmat.dims2()?;
+            let (gx, gw) = with_f32_data(&xs, |x| {
+                with_f32_data(&wmat, |w| {
+                    with_f32_data(&grad, |gy| channels_last::conv2d_backward(&g, x, w, co, gy))
+                })
+            })????;
+            return Ok((
+                Some(Tensor::from_vec(gx, xs.shape(), &Device::Cpu)?),
+                Some(Tensor::from_vec(gw, (co, k), &Device::Cpu)?),
+            ));
+        }
         let n = xs.dim(0)?;
         let per_image = g.rows() * g.cols() * 4;
         let group = (self.limit / per_image.max(1)).max(1);
@@ -859,6 +871,60 @@ mod tests {
                 )
                 .unwrap();
                 assert_eq!(ours, expected, "{g:?}, bands of {band_bytes} bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn channels_last_backward_matches_the_patch_matrix_gradients() {
+        for (n, c, co, (h, w), k, stride, pad) in [
+            (2, 3, 5, (9, 11), 3, 1, 1),
+            (1, 17, 33, (20, 18), 3, 1, 1),
+            (2, 6, 4, (12, 10), 4, 2, 1),
+            (1, 5, 7, (9, 8), 3, 2, 0),
+        ] {
+            let g = Geometry::new(true, c, (h, w), (k, k), stride, pad).unwrap();
+            let x = ramp(&[n, c, h, w], 1.0);
+            let wmat = ramp(&[co, g.rows()], 0.3);
+            let gy = ramp(&[n, co, g.oh * g.ow], 2.0);
+            // The same gradients through the NCHW patch matrices: ∂x = col2im(Wᵀ·G),
+            // ∂W = Σ G·colsᵀ.
+            let gx_ref = wmat
+                .t()
+                .unwrap()
+                .broadcast_left(n)
+                .unwrap()
+                .matmul(&gy)
+                .unwrap()
+                .apply_op1(Col2Im(g))
+                .unwrap();
+            let cols = x.apply_op1(Im2Col(g)).unwrap();
+            let gw_ref = gy
+                .matmul(&cols.transpose(1, 2).unwrap())
+                .unwrap()
+                .sum(0)
+                .unwrap();
+            for band_bytes in [1, usize::MAX / 2] {
+                let (gx, gw) = channels_last::conv2d_backward_banded(
+                    &g,
+                    &values(&x),
+                    &values(&wmat),
+                    co,
+                    &values(&gy),
+                    band_bytes,
+                )
+                .unwrap();
+                for (what, ours, reference) in [("input", gx, &gx_ref), ("weight", gw, &gw_ref)] {
+                    let reference = values(reference);
+                    assert_eq!(ours.len(), reference.len());
+                    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    for (a, b) in ours.iter().zip(&reference) {
+                        assert!(
+                            (a - b).abs() <= 1e-6 * scale,
+                            "{what} gradient {a} vs {b}, {g:?}, bands of {band_bytes} bytes"
+                        );
+                    }
+                }
             }
         }
     }
