@@ -568,6 +568,32 @@ impl ConvOp {
     }
 }
 
+/// The sum of every channel of an NCHW f32 CPU tensor over images and pixels (the gradient of a
+/// per-channel bias), accumulated in f64; candle's `sum((0, 2, 3))` of the same took about 6 % of
+/// a phase-2 training step.
+fn channel_sums(grad: &Tensor) -> candle_core::Result<Tensor> {
+    let (n, c, h, w) = grad.dims4()?;
+    let plane = h * w;
+    let sums = with_f32_data(grad, |g| {
+        (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let total: f64 = (0..n)
+                    .map(|i| {
+                        let start = (i * c + ch) * plane;
+                        g[start..start + plane]
+                            .iter()
+                            .map(|&v| v as f64)
+                            .sum::<f64>()
+                    })
+                    .sum();
+                total as f32
+            })
+            .collect::<Vec<f32>>()
+    })?;
+    Tensor::from_vec(sums, c, &Device::Cpu)
+}
+
 /// [`ConvOp`] followed by the per-channel bias, as one autograd node.
 #[derive(Debug, Clone, Copy)]
 struct ConvBiasOp(ConvOp);
@@ -600,7 +626,7 @@ impl CustomOp3 for ConvBiasOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (gx, gw) = self.0.bwd(xs, wmat, res, grad)?;
-        let gb = grad.detach().sum((0, 2, 3))?;
+        let gb = channel_sums(&grad.detach())?;
         Ok((gx, gw, Some(gb)))
     }
 }
