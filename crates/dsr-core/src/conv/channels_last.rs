@@ -412,3 +412,123 @@ fn from_padded_channels_last(g: &Geometry, padded: &[f32], image: &mut [f32]) {
             }
         });
 }
+
+/// The transposed convolution `col2im(W · x)` of [`super::Kind::Transposed`]: `xs` holds `n`
+/// NCHW images `[n, ci, g.oh, g.ow]` (the transposed convolution's input is the output grid of
+/// the convolution `g`, whose `g.channels` are the result's channels), `wmat` is
+/// `[g.channels·kh·kw, ci]` with channel-major rows (`channel·kh·kw + tap`). Returns
+/// `[n, g.channels, g.h, g.w]` plus `bias[channel]` when given.
+///
+/// Per band of input rows: `P = xᵀ · W'` (`[m, kh·kw·channels]`, tap-major columns, `xᵀ` read
+/// straight from the NCHW planes), whose rows are added onto a padded channels-last output as
+/// in the convolution's input gradient, transposed back to NCHW at the end of each image.
+pub(super) fn conv_transpose2d_forward(
+    g: &Geometry,
+    xs: &[f32],
+    wmat: &[f32],
+    ci: usize,
+    bias: Option<&[f32]>,
+) -> candle_core::Result<Vec<f32>> {
+    if g.tap_major {
+        candle_core::bail!(
+            "channels-last transposed convolution: the weight rows must be channel-major"
+        );
+    }
+    let co = g.channels;
+    let taps = g.kh * g.kw;
+    let k = g.rows();
+    let in_plane = g.oh * g.ow;
+    let out_image = co * g.h * g.w;
+    if in_plane == 0 || ci == 0 || xs.len() % (ci * in_plane) != 0 || wmat.len() != k * ci {
+        candle_core::bail!(
+            "channels-last transposed convolution: {} input and {} weight values for \
+             {ci}×{}×{} images and a {k}×{ci} matrix",
+            xs.len(),
+            wmat.len(),
+            g.oh,
+            g.ow
+        );
+    }
+    if let Some(b) = bias {
+        if b.len() != co {
+            candle_core::bail!(
+                "conv_transpose2d: {co} output channels but {} biases",
+                b.len()
+            );
+        }
+    }
+    let n = xs.len() / (ci * in_plane);
+    // W' `[ci, taps·co]`: W'[i][tap·co + c] = W[c·taps + tap][i].
+    let mut w2 = vec![0f32; ci * k];
+    for c in 0..co {
+        for tap in 0..taps {
+            let row = &wmat[(c * taps + tap) * ci..(c * taps + tap + 1) * ci];
+            for (i, &v) in row.iter().enumerate() {
+                w2[i * k + tap * co + c] = v;
+            }
+        }
+    }
+    // The output, channels last, as the patch rows are tap-major over `co` channels.
+    let cl = Geometry {
+        tap_major: true,
+        ..*g
+    };
+    let band_rows = (BAND_BYTES / (g.ow * k * 4).max(1)).clamp(1, g.oh.max(1));
+    let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
+    let mut padded = vec![0f32; hp * wp * co];
+    let mut cols = vec![0f32; band_rows * g.ow * k];
+    let mut out = vec![0f32; n * out_image];
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    for (image, dst) in xs
+        .chunks_exact(ci * in_plane)
+        .zip(out.chunks_exact_mut(out_image))
+    {
+        padded.fill(0.0);
+        for oy0 in (0..g.oh).step_by(band_rows) {
+            let rows = band_rows.min(g.oh - oy0);
+            let m = rows * g.ow;
+            let cols = &mut cols[..m * k];
+            let band = &image[oy0 * g.ow..];
+            // SAFETY: `band` holds `ci` planes of `in_plane` values from the band's first pixel
+            // on (the last one read is inside `image`), read as `[m, ci]` with row stride 1 and
+            // column stride `in_plane`; `w2` is `[ci, k]` and `cols` `[m, k]`, row-major; only
+            // `cols` is written.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    k,
+                    ci,
+                    cols.as_mut_ptr(),
+                    1,
+                    k as isize,
+                    false,
+                    band.as_ptr(),
+                    in_plane as isize,
+                    1,
+                    w2.as_ptr(),
+                    1,
+                    k as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+            add_patches(&cl, cols, oy0, &mut padded);
+        }
+        from_padded_channels_last(&cl, &padded, dst);
+        if let Some(b) = bias {
+            for (plane, &bv) in dst.chunks_exact_mut(g.h * g.w).zip(b) {
+                plane.iter_mut().for_each(|v| *v += bv);
+            }
+        }
+    }
+    Ok(out)
+}

@@ -480,30 +480,7 @@ fn tracked(
     }
 }
 
-/// The product of [`ConvOp`] on plain (graph-free) tensors.
-fn conv_product(
-    kind: Kind,
-    g: Geometry,
-    limit: usize,
-    xs: &Tensor,
-    wmat: &Tensor,
-) -> candle_core::Result<Tensor> {
-    let per_image = g.rows() * g.cols() * 4;
-    match kind {
-        Kind::Conv => candle_core::bail!("conv: the convolution runs in channels_last"),
-        Kind::Transposed => {
-            let (_, ci, h, w) = xs.dims4()?;
-            in_groups(xs, per_image, limit, |chunk| {
-                let m = chunk.dim(0)?;
-                wmat.broadcast_left(m)?
-                    .matmul(&chunk.reshape((m, ci, h * w))?)?
-                    .apply_op1(Col2Im(g))
-            })
-        }
-    }
-}
-
-/// Which product [`ConvGrad`] differentiates.
+/// Which product [`ConvOp`] differentiates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     /// `y_i = W · im2col(x_i)`, `W` `[co, rows]`.
@@ -515,11 +492,12 @@ enum Kind {
 /// A convolution (or transposed convolution) of `x` with the weight matrix `W` as one autograd
 /// node.
 ///
-/// Forward: the product described by [`Kind`], computed group by group ([`conv_product`]).
-/// Backward: the gradients of `x` and `W`, with the patch matrices rebuilt from `x` (or from the
-/// incoming gradient) in groups of whole images bounded by `limit` bytes. The weight gradient
+/// Forward: the product described by [`Kind`], in bands of channels-last patches
+/// (`channels_last`). Backward: the gradients of `x` and `W`; for a convolution in the same
+/// channels-last bands, for a transposed convolution with the patch matrices rebuilt from the
+/// incoming gradient in groups of whole images bounded by `limit` bytes (whose weight gradient
 /// adds the images' contributions one by one in batch order, so grouping does not change a
-/// single bit.
+/// single bit).
 #[derive(Debug, Clone, Copy)]
 struct ConvOp {
     kind: Kind,
@@ -542,29 +520,21 @@ impl ConvOp {
         l2: &Layout,
         bias: Option<&[f32]>,
     ) -> candle_core::Result<(Vec<f32>, Shape)> {
-        if self.kind == Kind::Conv {
-            let (co, _) = l2.shape().dims2()?;
-            let n = l1.shape().dims4()?.0;
-            let ys = channels_last::conv2d_forward(
-                &self.g,
-                f32_data(s1, l1, "conv")?,
-                f32_data(s2, l2, "conv")?,
-                co,
-                bias,
-            )?;
-            return Ok((ys, Shape::from((n, co, self.g.oh, self.g.ow))));
+        let (x, w) = (f32_data(s1, l1, "conv")?, f32_data(s2, l2, "conv")?);
+        let (n, _, _, _) = l1.shape().dims4()?;
+        let g = &self.g;
+        match self.kind {
+            Kind::Conv => {
+                let (co, _) = l2.shape().dims2()?;
+                let ys = channels_last::conv2d_forward(g, x, w, co, bias)?;
+                Ok((ys, Shape::from((n, co, g.oh, g.ow))))
+            }
+            Kind::Transposed => {
+                let (_, ci) = l2.shape().dims2()?;
+                let ys = channels_last::conv_transpose2d_forward(g, x, w, ci, bias)?;
+                Ok((ys, Shape::from((n, g.channels, g.h, g.w))))
+            }
         }
-        // Plain tensors over copies of the operands (transient; the graph keeps only `x`, `W`
-        // and the result).
-        let xs = Tensor::from_slice(f32_data(s1, l1, "conv")?, l1.shape(), &Device::Cpu)?;
-        let wmat = Tensor::from_slice(f32_data(s2, l2, "conv")?, l2.shape(), &Device::Cpu)?;
-        let ys = conv_product(self.kind, self.g, self.limit, &xs, &wmat)?;
-        let shape = ys.shape().clone();
-        let mut ys = ys.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(b) = bias {
-            add_bias_planes(&mut ys, b, &shape)?;
-        }
-        Ok((ys, shape))
     }
 }
 
@@ -778,7 +748,20 @@ fn conv_transpose2d_limited(
     if xs.track_op() || wmat.track_op() {
         return tracked(&xs, &wmat, bias, ConvOp::new(Kind::Transposed, g, limit));
     }
-    add_bias_fresh(conv_product(Kind::Transposed, g, limit, &xs, &wmat)?, bias)
+    let f32_bias = bias.filter(|b| b.dtype() == DType::F32 && b.device().is_cpu() && b.rank() == 1);
+    let ys = with_f32_data(&xs, |x| {
+        with_f32_data(&wmat, |w| match f32_bias {
+            Some(b) => with_f32_data(b, |b| {
+                channels_last::conv_transpose2d_forward(&g, x, w, ci, Some(b))
+            })?,
+            None => channels_last::conv_transpose2d_forward(&g, x, w, ci, None),
+        })?
+    })??;
+    let ys = Tensor::from_vec(ys, (xs.dim(0)?, co, oh, ow), &Device::Cpu)?;
+    match f32_bias {
+        Some(_) => Ok(ys),
+        None => add_bias(ys, bias),
+    }
 }
 
 #[cfg(test)]
@@ -976,6 +959,16 @@ mod tests {
             .broadcast_add(&b.reshape((1, 6, 1, 1)).unwrap())
             .unwrap();
         assert_eq!(values(&plain), values(&rebiased));
+
+        // The same for the transposed convolution (weight `[ci, co, k, k]`).
+        let w = ramp(&[5, 6, 4, 4], 0.3);
+        let wv = Var::from_tensor(&w).unwrap();
+        let plain = conv_transpose2d(&x, &w, Some(&b), 2, 1).unwrap();
+        let tracked =
+            conv_transpose2d(xv.as_tensor(), wv.as_tensor(), Some(bv.as_tensor()), 2, 1).unwrap();
+        assert!(tracked.track_op());
+        assert_eq!(plain.dims(), &[2, 6, 20, 18]);
+        assert_eq!(values(&plain), values(&tracked));
     }
 
     #[test]
