@@ -387,6 +387,9 @@ fn conv2d_limited(
     if xs.track_op() || wmat.track_op() {
         return tracked(&xs, &wmat, bias, ConvOp::new(Kind::Conv, g, limit));
     }
+    if !prefers_channels_last(g.oh * g.ow, co) {
+        return add_bias_fresh(nchw_product(Kind::Conv, g, limit, &xs, &wmat)?, bias);
+    }
     // Nothing to differentiate (inference): straight from the tensors' storage, bias included.
     let f32_bias = bias.filter(|b| b.dtype() == DType::F32 && b.device().is_cpu() && b.rank() == 1);
     let ys = with_f32_data(&xs, |x| {
@@ -480,6 +483,47 @@ fn tracked(
     }
 }
 
+/// Whether the channels-last kernels (`channels_last`) beat the NCHW patch-matrix products for a
+/// layer whose output has `channels` planes of `pixels` pixels. Measured on two cores: 2.7×
+/// faster gemm at 65536 pixels × 64 channels, 1.2× at 16384 × 128, even at 4096 × 256; below
+/// that the transpositions cost more than the product gains (the 32×32 and 64×64 layers of the
+/// subspace restriction modules ran 20–40 % slower). Both paths give the same forward bits.
+fn prefers_channels_last(pixels: usize, channels: usize) -> bool {
+    pixels >= 16 * channels
+}
+
+/// The NCHW patch-matrix product of [`ConvOp`] on plain (graph-free) tensors, in groups of
+/// whole images whose patch matrices take at most `limit` bytes.
+fn nchw_product(
+    kind: Kind,
+    g: Geometry,
+    limit: usize,
+    xs: &Tensor,
+    wmat: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let per_image = g.rows() * g.cols() * 4;
+    match kind {
+        Kind::Conv => {
+            let (co, _) = wmat.dims2()?;
+            in_groups(xs, per_image, limit, |chunk| {
+                let m = chunk.dim(0)?;
+                wmat.broadcast_left(m)?
+                    .matmul(&chunk.apply_op1(Im2Col(g))?)?
+                    .reshape((m, co, g.oh, g.ow))
+            })
+        }
+        Kind::Transposed => {
+            let (_, ci, h, w) = xs.dims4()?;
+            in_groups(xs, per_image, limit, |chunk| {
+                let m = chunk.dim(0)?;
+                wmat.broadcast_left(m)?
+                    .matmul(&chunk.reshape((m, ci, h * w))?)?
+                    .apply_op1(Col2Im(g))
+            })
+        }
+    }
+}
+
 /// Which product [`ConvOp`] differentiates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -523,17 +567,40 @@ impl ConvOp {
         let (x, w) = (f32_data(s1, l1, "conv")?, f32_data(s2, l2, "conv")?);
         let (n, _, _, _) = l1.shape().dims4()?;
         let g = &self.g;
+        if self.channels_last(l2.shape().dims2()?) {
+            return match self.kind {
+                Kind::Conv => {
+                    let (co, _) = l2.shape().dims2()?;
+                    let ys = channels_last::conv2d_forward(g, x, w, co, bias)?;
+                    Ok((ys, Shape::from((n, co, g.oh, g.ow))))
+                }
+                Kind::Transposed => {
+                    let (_, ci) = l2.shape().dims2()?;
+                    let ys = channels_last::conv_transpose2d_forward(g, x, w, ci, bias)?;
+                    Ok((ys, Shape::from((n, g.channels, g.h, g.w))))
+                }
+            };
+        }
+        // Plain tensors over copies of the operands (transient; the graph keeps only `x`, `W`
+        // and the result).
+        let xs = Tensor::from_slice(x, l1.shape(), &Device::Cpu)?;
+        let wmat = Tensor::from_slice(w, l2.shape(), &Device::Cpu)?;
+        let ys = nchw_product(self.kind, self.g, self.limit, &xs, &wmat)?;
+        let shape = ys.shape().clone();
+        let mut ys = ys.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(b) = bias {
+            add_bias_planes(&mut ys, b, &shape)?;
+        }
+        Ok((ys, shape))
+    }
+
+    /// Whether this layer runs in channels-last bands, given the weight matrix's shape
+    /// (`[co, rows]` for a convolution).
+    fn channels_last(&self, (co, _): (usize, usize)) -> bool {
+        let g = &self.g;
         match self.kind {
-            Kind::Conv => {
-                let (co, _) = l2.shape().dims2()?;
-                let ys = channels_last::conv2d_forward(g, x, w, co, bias)?;
-                Ok((ys, Shape::from((n, co, g.oh, g.ow))))
-            }
-            Kind::Transposed => {
-                let (_, ci) = l2.shape().dims2()?;
-                let ys = channels_last::conv_transpose2d_forward(g, x, w, ci, bias)?;
-                Ok((ys, Shape::from((n, g.channels, g.h, g.w))))
-            }
+            Kind::Conv => prefers_channels_last(g.oh * g.ow, co),
+            Kind::Transposed => prefers_channels_last(g.h * g.w, g.channels),
         }
     }
 }
@@ -630,7 +697,7 @@ impl CustomOp2 for ConvOp {
             grad.detach().contiguous()?,
         );
         let g = self.g;
-        if self.kind == Kind::Conv {
+        if self.kind == Kind::Conv && self.channels_last(wmat.dims2()?) {
             let (co, k) = wmat.dims2()?;
             let (gx, gw) = with_f32_data(&xs, |x| {
                 with_f32_data(&wmat, |w| {
@@ -747,6 +814,9 @@ fn conv_transpose2d_limited(
     // until the backward.
     if xs.track_op() || wmat.track_op() {
         return tracked(&xs, &wmat, bias, ConvOp::new(Kind::Transposed, g, limit));
+    }
+    if !prefers_channels_last(oh * ow, co) {
+        return add_bias_fresh(nchw_product(Kind::Transposed, g, limit, &xs, &wmat)?, bias);
     }
     let f32_bias = bias.filter(|b| b.dtype() == DType::F32 && b.device().is_cpu() && b.rank() == 1);
     let ys = with_f32_data(&xs, |x| {
