@@ -391,14 +391,30 @@ fn conv2d_limited(
         return add_bias_fresh(nchw_product(Kind::Conv, g, limit, &xs, &wmat)?, bias);
     }
     // Nothing to differentiate (inference): straight from the tensors' storage, bias included.
+    let shape = (xs.dim(0)?, co, g.oh, g.ow);
+    untracked_channels_last(&xs, &wmat, bias, shape, |x, w, b| {
+        channels_last::conv2d_forward(&g, x, w, co, b)
+    })
+}
+
+/// Runs the channels-last `kernel(x, W, bias)` on the plain tensors `xs` and `wmat` and returns
+/// its output as a tensor of `shape`; the bias goes into the kernel when it is an f32 CPU vector,
+/// otherwise it is added afterwards.
+fn untracked_channels_last(
+    xs: &Tensor,
+    wmat: &Tensor,
+    bias: Option<&Tensor>,
+    shape: (usize, usize, usize, usize),
+    kernel: impl Fn(&[f32], &[f32], Option<&[f32]>) -> candle_core::Result<Vec<f32>>,
+) -> candle_core::Result<Tensor> {
     let f32_bias = bias.filter(|b| b.dtype() == DType::F32 && b.device().is_cpu() && b.rank() == 1);
-    let ys = with_f32_data(&xs, |x| {
-        with_f32_data(&wmat, |w| match f32_bias {
-            Some(b) => with_f32_data(b, |b| channels_last::conv2d_forward(&g, x, w, co, Some(b)))?,
-            None => channels_last::conv2d_forward(&g, x, w, co, None),
+    let ys = with_f32_data(xs, |x| {
+        with_f32_data(wmat, |w| match f32_bias {
+            Some(b) => with_f32_data(b, |b| kernel(x, w, Some(b)))?,
+            None => kernel(x, w, None),
         })?
     })??;
-    let ys = Tensor::from_vec(ys, (xs.dim(0)?, co, g.oh, g.ow), &Device::Cpu)?;
+    let ys = Tensor::from_vec(ys, shape, &Device::Cpu)?;
     match f32_bias {
         Some(_) => Ok(ys),
         None => add_bias(ys, bias),
@@ -818,20 +834,10 @@ fn conv_transpose2d_limited(
     if !prefers_channels_last(oh * ow, co) {
         return add_bias_fresh(nchw_product(Kind::Transposed, g, limit, &xs, &wmat)?, bias);
     }
-    let f32_bias = bias.filter(|b| b.dtype() == DType::F32 && b.device().is_cpu() && b.rank() == 1);
-    let ys = with_f32_data(&xs, |x| {
-        with_f32_data(&wmat, |w| match f32_bias {
-            Some(b) => with_f32_data(b, |b| {
-                channels_last::conv_transpose2d_forward(&g, x, w, ci, Some(b))
-            })?,
-            None => channels_last::conv_transpose2d_forward(&g, x, w, ci, None),
-        })?
-    })??;
-    let ys = Tensor::from_vec(ys, (xs.dim(0)?, co, oh, ow), &Device::Cpu)?;
-    match f32_bias {
-        Some(_) => Ok(ys),
-        None => add_bias(ys, bias),
-    }
+    let shape = (xs.dim(0)?, co, oh, ow);
+    untracked_channels_last(&xs, &wmat, bias, shape, |x, w, b| {
+        channels_last::conv_transpose2d_forward(&g, x, w, ci, b)
+    })
 }
 
 #[cfg(test)]
