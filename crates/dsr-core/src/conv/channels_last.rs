@@ -159,7 +159,7 @@ fn forward_images(
             let rows = band_rows.min(g.oh - oy0);
             let m = rows * g.ow;
             let cols = &mut cols[..m * k];
-            fill_patches(g, &padded, oy0, cols);
+            fill_patches(g, padded, oy0, cols);
             let product = &mut product[..m * co];
             // SAFETY: `cols` is `[m, k]`, `wt` is `[k, co]` and `product` is `[m, co]`, each
             // row-major and contiguous as the strides passed say; only `product` is written and
@@ -354,7 +354,7 @@ pub(super) fn conv2d_backward_banded(
                 let m = rows * g.ow;
                 let cols = &mut cols[..m * k];
                 let band_gy = &gy_image[oy0 * g.ow..];
-                fill_patches(g, &padded, oy0, cols);
+                fill_patches(g, padded, oy0, cols);
                 // SAFETY (both products): every operand is a view of a live buffer whose extent the
                 // sizes and strides passed stay inside (`G` is `co` rows of `out_plane` values from
                 // the band's first pixel on, so its last element is within `gy_image`); only the
