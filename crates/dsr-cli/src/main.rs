@@ -168,6 +168,11 @@ enum Command {
         /// Print the resolved run configuration (TOML) and exit without training.
         #[arg(long)]
         print_config: bool,
+        /// Use less memory in phases 2 and 3: each conv → instance norm → ReLU block computes
+        /// its convolution again in the backward instead of keeping its output. Same results to
+        /// the bit, slower steps (see docs/performance.md). Allowed with --resume.
+        #[arg(long)]
+        recompute: bool,
         /// The compute device.
         #[arg(long, value_enum, default_value_t = train::DeviceArg::Cpu)]
         device: train::DeviceArg,
@@ -328,8 +333,12 @@ fn main() -> ExitCode {
             resume,
             no_test,
             print_config,
+            recompute,
             device,
-        } => train::train(&settings, resume.as_deref(), device, !no_test, print_config),
+        } => {
+            dsr_core::runtime::set_activation_recompute(recompute);
+            train::train(&settings, resume.as_deref(), device, !no_test, print_config)
+        }
         Command::Pretrain {
             images,
             out,

@@ -400,7 +400,23 @@ impl ConvNormRelu {
 
 impl Module for ConvNormRelu {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let ys = xs.apply(&self.conv)?;
+        let conv = &self.conv;
+        if let Some(bias) = &conv.bias {
+            let tracked = xs.track_op() || conv.weight.track_op() || bias.track_op();
+            let cpu_f32 = [xs, &conv.weight, bias]
+                .iter()
+                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+            if tracked && cpu_f32 && crate::runtime::activation_recompute() {
+                let op = RecomputedConvNormRelu {
+                    stride: conv.stride,
+                    padding: conv.padding,
+                };
+                return xs
+                    .contiguous()?
+                    .apply_op3(&conv.weight, &bias.contiguous()?, op);
+            }
+        }
+        let ys = xs.apply(conv)?;
         if !ys.track_op()
             && ys.device().is_cpu()
             && ys.dtype() == DType::F32
@@ -413,6 +429,67 @@ impl Module for ConvNormRelu {
             return Ok(ys);
         }
         instance_norm_relu(&ys)
+    }
+}
+
+/// Conv (with bias) → instance norm → ReLU as one autograd node that keeps only its input, the
+/// weight and the bias: the backward computes the convolution again (the same bits) instead of
+/// keeping its output alive (see [`crate::runtime::set_activation_recompute`]).
+#[derive(Debug, Clone, Copy)]
+struct RecomputedConvNormRelu {
+    stride: usize,
+    padding: usize,
+}
+
+impl RecomputedConvNormRelu {
+    /// The convolution of plain tensors (no graph).
+    fn conv(&self, xs: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+        crate::conv::conv2d(xs, weight, Some(bias), self.stride, self.padding)
+    }
+}
+
+impl candle_core::CustomOp3 for RecomputedConvNormRelu {
+    fn name(&self) -> &'static str {
+        "conv-instance-norm-relu-recomputed"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let plain = |s: &CpuStorage, l: &Layout| {
+            Tensor::from_slice(contiguous_f32(s, l)?, l.shape(), &candle_core::Device::Cpu)
+        };
+        let ys = self.conv(&plain(s1, l1)?, &plain(s2, l2)?, &plain(s3, l3)?)?;
+        // A fresh, untracked output: normalised where it lies.
+        ys.inplace_op1(&InstanceNormRelu)?;
+        let shape = ys.shape().clone();
+        Ok((CpuStorage::F32(ys.flatten_all()?.to_vec1()?), shape))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (xs, weight, bias) = (xs.detach(), weight.detach(), bias.detach());
+        let conv_out = self.conv(&xs, &weight, &bias)?;
+        let grad_conv = conv_out.apply_op3_no_bwd(
+            &res.contiguous()?,
+            &grad_res.contiguous()?,
+            &InstanceNormReluGrad,
+        )?;
+        let (gx, gw, gb) =
+            crate::conv::conv2d_backward(&xs, &weight, &grad_conv, self.stride, self.padding)?;
+        Ok((Some(gx), Some(gw), Some(gb)))
     }
 }
 

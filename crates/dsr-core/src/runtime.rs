@@ -1,5 +1,24 @@
 //! Process-wide settings for tensor work on the CPU.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// See [`set_activation_recompute`].
+static RECOMPUTE: AtomicBool = AtomicBool::new(false);
+
+/// Trades time for memory in training: when on, every conv → instance norm → ReLU block of the
+/// U-Nets and the reconstruction network keeps only its input for the backward and computes its
+/// convolution again there, instead of keeping the convolution's output (one full-size activation
+/// per block). Gradients are the same bits either way; a step costs one more convolution per
+/// block. Off by default; applies to graphs built after the call.
+pub fn set_activation_recompute(on: bool) {
+    RECOMPUTE.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_activation_recompute`] is on.
+pub fn activation_recompute() -> bool {
+    RECOMPUTE.load(Ordering::Relaxed)
+}
+
 /// Tunes glibc's allocator for tensor work; call it first thing in `main`, before any thread
 /// starts. Tensor operations allocate and free large buffers at a high rate. With glibc's
 /// defaults each large buffer is a fresh mmap whose pages fault in on first touch and are

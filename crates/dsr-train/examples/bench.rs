@@ -12,6 +12,8 @@
 //! call, then `--repeat` timed calls. The last line on stdout is one JSON object:
 //! `{"mode", "batch", "size", "preset", "seconds": [...], "median_s", "images_per_s", "peak_rss_bytes"}`.
 //! `--preset small` uses the small configuration (quick checks; not comparable to the reference).
+//! `--recompute` turns on `dsr_core::runtime::set_activation_recompute` (training memory
+//! against time; `dsr train --recompute`).
 
 use std::time::Instant;
 
@@ -67,6 +69,8 @@ fn main() -> BoxResult<()> {
     };
     // The `dsr` binary's allocator settings.
     dsr_core::runtime::tune_allocator();
+    let recompute = args.iter().any(|a| a == "--recompute");
+    dsr_core::runtime::set_activation_recompute(recompute);
     let device = Device::Cpu;
 
     let seconds = match mode.as_str() {
@@ -112,6 +116,7 @@ fn main() -> BoxResult<()> {
         "batch": batch,
         "size": size,
         "preset": preset,
+        "recompute": recompute,
         "seconds": seconds,
         "median_s": median,
         "images_per_s": batch as f64 / median,

@@ -421,6 +421,40 @@ fn untracked_channels_last(
     }
 }
 
+/// The gradients of `conv2d(xs, weight, Some(bias), stride, padding)` for the output gradient
+/// `grad`, outside any graph: `(∂xs, ∂weight, ∂bias)`. The same operators and arithmetic as the
+/// backward of a tracked [`conv2d`], so the values are the same bits; used by operators that
+/// recompute a convolution in their own backward instead of keeping its output.
+pub(crate) fn conv2d_backward(
+    xs: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    if !fast_path(xs, weight) {
+        candle_core::bail!("conv2d_backward: implemented for f32 CPU tensors only");
+    }
+    let (_, ci, h, w) = xs.dims4()?;
+    let (co, _, kh, kw) = weight.dims4()?;
+    let g = Geometry::new(true, ci, (h, w), (kh, kw), stride, padding)?;
+    let wmat = weight
+        .detach()
+        .permute((0, 2, 3, 1))?
+        .contiguous()?
+        .reshape((co, g.rows()))?;
+    let op = ConvOp::new(Kind::Conv, g, COLS_BYTES_LIMIT);
+    let (gx, gw) = op.bwd(xs, &wmat, grad, grad)?;
+    let (Some(gx), Some(gw)) = (gx, gw) else {
+        candle_core::bail!("conv2d_backward: the convolution gave no gradient");
+    };
+    let gw = gw
+        .reshape((co, kh, kw, ci))?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?;
+    Ok((gx, gw, channel_sums(&grad.detach())?))
+}
+
 /// [`add_bias`] for a freshly computed, untracked product that nothing else holds: the bias is
 /// added where the values lie (no second full-size buffer) when it is an f32 CPU vector.
 fn add_bias_fresh(ys: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
