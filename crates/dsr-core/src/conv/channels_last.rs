@@ -42,6 +42,14 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// gemm's threads: rayon's pool when it has more than one.
+fn gemm_parallelism() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        threads => Parallelism::Rayon(threads),
+    }
+}
+
 /// Runs `f` on `len` values of this thread's working memory, whose contents are left over from
 /// earlier calls. Re-entered on the same thread (a convolution inside a rayon job that runs while
 /// another waits), it falls back to a fresh buffer.
@@ -144,12 +152,7 @@ fn forward_images(
     let k = g.rows();
     let image_len = g.channels * g.h * g.w;
     let out_plane = g.oh * g.ow;
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
+    let parallelism = gemm_parallelism();
     for (image, dst) in xs
         .chunks_exact(image_len)
         .zip(out.chunks_exact_mut(co * out_plane))
@@ -335,12 +338,7 @@ pub(super) fn conv2d_backward_banded(
     with_scratch(2 * padded_len + band_rows * g.ow * k, |scratch| {
         let (padded, rest) = scratch.split_at_mut(padded_len);
         let (grad_padded, cols) = rest.split_at_mut(padded_len);
-        let threads = rayon::current_num_threads();
-        let parallelism = if threads > 1 {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
+        let parallelism = gemm_parallelism();
         let mut first_product = true;
         for ((image, gy_image), gx_image) in xs
             .chunks_exact(image_len)
@@ -536,12 +534,7 @@ pub(super) fn conv_transpose2d_forward(
     let mut out = vec![0f32; n * out_image];
     with_scratch(padded_len + band_rows * g.ow * k, |scratch| {
         let (padded, cols) = scratch.split_at_mut(padded_len);
-        let threads = rayon::current_num_threads();
-        let parallelism = if threads > 1 {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
+        let parallelism = gemm_parallelism();
         for (image, dst) in xs
             .chunks_exact(ci * in_plane)
             .zip(out.chunks_exact_mut(out_image))
