@@ -4,8 +4,8 @@
 //! `conv_transpose2d` is a plain loop nest; both are several times slower than a single large
 //! product per image. Here a convolution is written as two pieces:
 //!
-//! * a data-movement operator, [`Im2Col`] (NCHW planes → a `[c·kh·kw, oh·ow]` matrix of patches
-//!   per image, built from contiguous row copies) or its adjoint [`Col2Im`] (scatter-add of such a
+//! * a data-movement operator, `Im2Col` (NCHW planes → a `[c·kh·kw, oh·ow]` matrix of patches
+//!   per image, built from contiguous row copies) or its adjoint `Col2Im` (scatter-add of such a
 //!   matrix back onto the planes); each is the other's backward pass;
 //! * one ordinary candle matrix product per image, whose gradient candle already knows.
 //!
