@@ -277,13 +277,31 @@ impl CustomOp1 for Col2Im {
 }
 
 /// Runs `f` on the contiguous f32 values of a CPU tensor (made contiguous first if needed).
-fn with_f32_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+fn with_f32_data<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
-        candle_core::Storage::Cpu(cpu) => Ok(f(f32_data(cpu, layout, "conv")?)),
+        candle_core::Storage::Cpu(cpu) => f(f32_data(cpu, layout, "conv")?),
         _ => candle_core::bail!("conv: the fast path needs a CPU tensor"),
     }
+}
+
+/// Whether `bias` can be added inside the CPU kernels: an f32 vector on the CPU.
+fn f32_cpu_vector(bias: &Tensor) -> bool {
+    bias.dtype() == DType::F32 && bias.device().is_cpu() && bias.rank() == 1
+}
+
+/// The weight `[co, ci, kh, kw]` as the tap-major matrix `[co, kh·kw·ci]` of [`Geometry`]'s
+/// tap-major rows (a small copy, differentiable).
+fn tap_major_matrix(weight: &Tensor) -> candle_core::Result<Tensor> {
+    let (co, ci, kh, kw) = weight.dims4()?;
+    weight
+        .permute((0, 2, 3, 1))?
+        .contiguous()?
+        .reshape((co, kh * kw * ci))
 }
 
 /// Whether the fast path applies: f32 input and weight on the CPU.
@@ -357,12 +375,9 @@ fn conv2d_limited(
         candle_core::bail!("conv2d: input has {ci} channels, the weight expects {wci}");
     }
     // Tap-major rows make each output a dot product summed in the same order as PyTorch's CPU
-    // convolution; the weight is reordered to match (a small copy, differentiable).
+    // convolution; the weight is reordered to match.
     let g = Geometry::new(true, ci, (h, w), (kh, kw), stride, padding)?;
-    let wmat = weight
-        .permute((0, 2, 3, 1))?
-        .contiguous()?
-        .reshape((co, g.rows()))?;
+    let wmat = tap_major_matrix(weight)?;
     let xs = xs.contiguous()?;
     let pointwise = kh == 1 && kw == 1 && stride == 1 && padding == 0;
     let per_image = if pointwise {
@@ -407,13 +422,13 @@ fn untracked_channels_last(
     shape: (usize, usize, usize, usize),
     kernel: impl Fn(&[f32], &[f32], Option<&[f32]>) -> candle_core::Result<Vec<f32>>,
 ) -> candle_core::Result<Tensor> {
-    let f32_bias = bias.filter(|b| b.dtype() == DType::F32 && b.device().is_cpu() && b.rank() == 1);
+    let f32_bias = bias.filter(|b| f32_cpu_vector(b));
     let ys = with_f32_data(xs, |x| {
         with_f32_data(wmat, |w| match f32_bias {
-            Some(b) => with_f32_data(b, |b| kernel(x, w, Some(b)))?,
+            Some(b) => with_f32_data(b, |b| kernel(x, w, Some(b))),
             None => kernel(x, w, None),
-        })?
-    })??;
+        })
+    })?;
     let ys = Tensor::from_vec(ys, shape, &Device::Cpu)?;
     match f32_bias {
         Some(_) => Ok(ys),
@@ -438,11 +453,7 @@ pub(crate) fn conv2d_backward(
     let (_, ci, h, w) = xs.dims4()?;
     let (co, _, kh, kw) = weight.dims4()?;
     let g = Geometry::new(true, ci, (h, w), (kh, kw), stride, padding)?;
-    let wmat = weight
-        .detach()
-        .permute((0, 2, 3, 1))?
-        .contiguous()?
-        .reshape((co, g.rows()))?;
+    let wmat = tap_major_matrix(&weight.detach())?;
     let op = ConvOp::new(Kind::Conv, g, COLS_BYTES_LIMIT);
     let (gx, gw) = op.bwd(xs, &wmat, grad, grad)?;
     let (Some(gx), Some(gw)) = (gx, gw) else {
@@ -464,8 +475,7 @@ fn add_bias_fresh(ys: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tens
                 && !b.track_op()
                 && ys.device().is_cpu()
                 && ys.dtype() == DType::F32
-                && b.dtype() == DType::F32
-                && b.rank() == 1
+                && f32_cpu_vector(b)
                 && ys.is_contiguous() =>
         {
             ys.inplace_op2(&b.contiguous()?, &AddBiasInPlace)?;
@@ -526,9 +536,7 @@ fn tracked(
     op: ConvOp,
 ) -> candle_core::Result<Tensor> {
     match bias {
-        Some(b) if b.dtype() == DType::F32 && b.device().is_cpu() && b.rank() == 1 => {
-            xs.apply_op3(wmat, &b.contiguous()?, ConvBiasOp(op))
-        }
+        Some(b) if f32_cpu_vector(b) => xs.apply_op3(wmat, &b.contiguous()?, ConvBiasOp(op)),
         _ => add_bias(xs.apply_op2(wmat, op)?, bias),
     }
 }
@@ -662,7 +670,7 @@ fn channel_sums(grad: &Tensor) -> candle_core::Result<Tensor> {
     let (n, c, h, w) = grad.dims4()?;
     let plane = h * w;
     let sums = with_f32_data(grad, |g| {
-        (0..c)
+        let sums = (0..c)
             .into_par_iter()
             .map(|ch| {
                 let total: f64 = (0..n)
@@ -676,7 +684,8 @@ fn channel_sums(grad: &Tensor) -> candle_core::Result<Tensor> {
                     .sum();
                 total as f32
             })
-            .collect::<Vec<f32>>()
+            .collect::<Vec<f32>>();
+        Ok(sums)
     })?;
     Tensor::from_vec(sums, c, &Device::Cpu)
 }
@@ -753,7 +762,7 @@ impl CustomOp2 for ConvOp {
                 with_f32_data(&wmat, |w| {
                     with_f32_data(&grad, |gy| channels_last::conv2d_backward(&g, x, w, co, gy))
                 })
-            })????;
+            })?;
             return Ok((
                 Some(Tensor::from_vec(gx, xs.shape(), &Device::Cpu)?),
                 Some(Tensor::from_vec(gw, (co, k), &Device::Cpu)?),
