@@ -10,6 +10,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp1, Layout, Module, Shap
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
+use crate::conv::{f32_data, plain_tensor};
+
 /// `InstanceNorm2d` epsilon (PyTorch default).
 pub const INSTANCE_NORM_EPS: f64 = 1e-5;
 
@@ -217,7 +219,7 @@ fn normalize_planes(
     relu: bool,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let (n, c, h, w) = layout.shape().dims4()?;
-    let src = contiguous_f32(storage, layout)?;
+    let src = f32_data(storage, layout, "instance norm")?;
     let hw = h * w;
     let mut dst = vec![0f32; n * c * hw];
     dst.par_chunks_mut(hw)
@@ -307,8 +309,8 @@ impl candle_core::CustomOp2 for InstanceNormGrad {
                 l2.shape()
             );
         }
-        let xs = contiguous_f32(s1, l1)?;
-        let dys = contiguous_f32(s2, l2)?;
+        let xs = f32_data(s1, l1, "instance-norm gradient")?;
+        let dys = f32_data(s2, l2, "instance-norm gradient")?;
         let hw = h * w;
         let mut dst = dys.to_vec();
         dst.par_chunks_mut(hw)
@@ -346,9 +348,9 @@ impl candle_core::CustomOp3 for InstanceNormReluGrad {
                 l3.shape()
             );
         }
-        let xs = contiguous_f32(s1, l1)?;
-        let ys = contiguous_f32(s2, l2)?;
-        let dys = contiguous_f32(s3, l3)?;
+        let xs = f32_data(s1, l1, "instance-norm + ReLU gradient")?;
+        let ys = f32_data(s2, l2, "instance-norm + ReLU gradient")?;
+        let dys = f32_data(s3, l3, "instance-norm + ReLU gradient")?;
         let hw = h * w;
         let mut dst = vec![0f32; n * c * hw];
         dst.par_chunks_mut(hw)
@@ -462,10 +464,12 @@ impl candle_core::CustomOp3 for RecomputedConvNormRelu {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let plain = |s: &CpuStorage, l: &Layout| {
-            Tensor::from_slice(contiguous_f32(s, l)?, l.shape(), &candle_core::Device::Cpu)
-        };
-        let ys = self.conv(&plain(s1, l1)?, &plain(s2, l2)?, &plain(s3, l3)?)?;
+        let op = "conv + instance norm + ReLU";
+        let ys = self.conv(
+            &plain_tensor(s1, l1, op)?,
+            &plain_tensor(s2, l2, op)?,
+            &plain_tensor(s3, l3, op)?,
+        )?;
         // A fresh, untracked output: normalised where it lies.
         ys.inplace_op1(&InstanceNormRelu)?;
         let shape = ys.shape().clone();
@@ -633,17 +637,6 @@ struct UpsampleBilinearAdjoint {
     in_w: usize,
 }
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    let data = match storage {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("bilinear upsampling is implemented for f32 tensors only"),
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("bilinear upsampling needs a contiguous input"),
-    }
-}
-
 impl CustomOp1 for UpsampleBilinear {
     fn name(&self) -> &'static str {
         "upsample-bilinear-ac"
@@ -655,7 +648,7 @@ impl CustomOp1 for UpsampleBilinear {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = layout.shape().dims4()?;
-        let src = contiguous_f32(storage, layout)?;
+        let src = f32_data(storage, layout, "bilinear upsampling")?;
         let (oh, ow) = (self.out_h, self.out_w);
         let th = Taps::new(h, oh);
         let tw = Taps::new(w, ow);
@@ -703,7 +696,7 @@ impl CustomOp1 for UpsampleBilinearAdjoint {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, oh, ow) = layout.shape().dims4()?;
-        let src = contiguous_f32(storage, layout)?;
+        let src = f32_data(storage, layout, "bilinear upsampling")?;
         let (h, w) = (self.in_h, self.in_w);
         let th = Taps::new(h, oh);
         let tw = Taps::new(w, ow);

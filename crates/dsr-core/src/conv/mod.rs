@@ -137,8 +137,8 @@ struct Im2Col(Geometry);
 #[derive(Debug, Clone, Copy)]
 struct Col2Im(Geometry);
 
-/// The contiguous f32 data of a CPU tensor.
-fn f32_data<'a>(
+/// The contiguous f32 data of a CPU tensor; `op` names the operator in the errors.
+pub(crate) fn f32_data<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     op: &str,
@@ -274,6 +274,15 @@ impl CustomOp1 for Col2Im {
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad_res.contiguous()?.apply_op1(Im2Col(self.0))?))
     }
+}
+
+/// A plain (graph-free) CPU tensor over a copy of an operator's contiguous f32 operand.
+pub(crate) fn plain_tensor(
+    storage: &CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<Tensor> {
+    Tensor::from_slice(f32_data(storage, layout, op)?, layout.shape(), &Device::Cpu)
 }
 
 /// Runs `f` on the contiguous f32 values of a CPU tensor (made contiguous first if needed).
@@ -641,8 +650,8 @@ impl ConvOp {
         }
         // Plain tensors over copies of the operands (transient; the graph keeps only `x`, `W`
         // and the result).
-        let xs = Tensor::from_slice(x, l1.shape(), &Device::Cpu)?;
-        let wmat = Tensor::from_slice(w, l2.shape(), &Device::Cpu)?;
+        let xs = plain_tensor(s1, l1, "conv")?;
+        let wmat = plain_tensor(s2, l2, "conv")?;
         let ys = nchw_product(self.kind, self.g, self.limit, &xs, &wmat)?;
         let shape = ys.shape().clone();
         let mut ys = ys.flatten_all()?.to_vec1::<f32>()?;
