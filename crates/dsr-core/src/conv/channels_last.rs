@@ -52,6 +52,95 @@ fn gemm_parallelism() -> Parallelism {
     }
 }
 
+/// A matrix inside a slice: element `(i, j)` at `data[i·row_stride + j·col_stride]`.
+#[derive(Debug, Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> View<'a> {
+    /// A row-major `[rows, cols]` matrix.
+    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols, 1)
+    }
+
+    /// A matrix with the given strides; panics if it does not lie inside `data`.
+    fn strided(
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Self {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * row_stride + (cols - 1) * col_stride;
+            assert!(
+                last < data.len(),
+                "a {rows}×{cols} view runs past its {} values",
+                data.len()
+            );
+        }
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        }
+    }
+}
+
+/// `dst = lhs · rhs`, or `dst += lhs · rhs` when `accumulate`, with `dst` the row-major
+/// `[lhs.rows, rhs.cols]` matrix at the start of `dst`; gemm on `parallelism`'s threads.
+fn matmul(dst: &mut [f32], lhs: View, rhs: View, accumulate: bool, parallelism: Parallelism) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(
+        rhs.rows, k,
+        "matmul: inner dimensions {k} and {} differ",
+        rhs.rows
+    );
+    assert!(
+        dst.len() >= m * n,
+        "matmul: {} values for a {m}×{n} result",
+        dst.len()
+    );
+    // SAFETY: both views were checked to lie inside their slices and `dst` holds the m×n
+    // row-major result; `dst` is a unique borrow, so nothing read aliases what is written.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Output rows per band: as many as keep the band's patch rows (`kh·kw·channels` values per
+/// output pixel) near `band_bytes`, at least one.
+fn band_rows(g: &Geometry, band_bytes: usize) -> usize {
+    (band_bytes / (g.ow * g.rows() * 4).max(1)).clamp(1, g.oh.max(1))
+}
+
 /// Runs `f` on `len` values of this thread's working memory, whose contents are left over from
 /// earlier calls. Re-entered on the same thread (a convolution inside a rayon job that runs while
 /// another waits), it falls back to a fresh buffer.
@@ -123,7 +212,7 @@ pub(super) fn conv2d_forward_banded(
             wt[r * co + o] = v;
         }
     }
-    let band_rows = (band_bytes / (g.ow * k * 4).max(1)).clamp(1, g.oh.max(1));
+    let band_rows = band_rows(g, band_bytes);
     let padded_len = (h + 2 * g.pad) * (w + 2 * g.pad) * c;
     let cols_len = band_rows * g.ow * k;
     let mut out = vec![0f32; n * co * out_plane];
@@ -166,32 +255,13 @@ fn forward_images(
             let cols = &mut cols[..m * k];
             fill_patches(g, padded, oy0, cols);
             let product = &mut product[..m * co];
-            // SAFETY: `cols` is `[m, k]`, `wt` is `[k, co]` and `product` is `[m, co]`, each
-            // row-major and contiguous as the strides passed say; only `product` is written and
-            // nothing else refers to it.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    co,
-                    k,
-                    product.as_mut_ptr(),
-                    1,
-                    co as isize,
-                    false,
-                    cols.as_ptr(),
-                    1,
-                    k as isize,
-                    wt.as_ptr(),
-                    1,
-                    co as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
-            }
+            matmul(
+                product,
+                View::rows(cols, m, k),
+                View::rows(wt, k, co),
+                false,
+                parallelism,
+            );
             scatter_band(g, product, co, bias, oy0 * g.ow, dst);
         }
     }
@@ -333,7 +403,7 @@ pub(super) fn conv2d_backward_banded(
         );
     }
     let (hp, wp) = (h + 2 * p, w + 2 * p);
-    let band_rows = (band_bytes / (g.ow * k * 4).max(1)).clamp(1, g.oh.max(1));
+    let band_rows = band_rows(g, band_bytes);
     let padded_len = hp * wp * c;
     let mut grad_x = vec![0f32; n * image_len];
     let mut grad_w = vec![0f32; co * k];
@@ -355,56 +425,19 @@ pub(super) fn conv2d_backward_banded(
                 let cols = &mut cols[..m * k];
                 let band_gy = &gy_image[oy0 * g.ow..];
                 fill_patches(g, padded, oy0, cols);
-                // SAFETY (both products): every operand is a view of a live buffer whose extent the
-                // sizes and strides passed stay inside (`G` is `co` rows of `out_plane` values from
-                // the band's first pixel on, so its last element is within `gy_image`); only the
-                // destination is written and nothing else refers to it.
-                unsafe {
-                    // ∂W [co, k] (+)= G [co, m] · P [m, k]
-                    gemm::gemm(
-                        co,
-                        k,
-                        m,
-                        grad_w.as_mut_ptr(),
-                        1,
-                        k as isize,
-                        !first_product,
-                        band_gy.as_ptr(),
-                        1,
-                        out_plane as isize,
-                        cols.as_ptr(),
-                        1,
-                        k as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        parallelism,
-                    );
-                    // ∂P [m, k] = Gᵀ [m, co] · W [co, k], written over the patch matrix.
-                    gemm::gemm(
-                        m,
-                        k,
-                        co,
-                        cols.as_mut_ptr(),
-                        1,
-                        k as isize,
-                        false,
-                        band_gy.as_ptr(),
-                        out_plane as isize,
-                        1,
-                        wmat.as_ptr(),
-                        1,
-                        k as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        parallelism,
-                    );
-                }
+                // G: the band's `m` pixels of the `co` planes (`out_plane` apart).
+                let g_band = View::strided(band_gy, co, m, out_plane, 1);
+                // ∂W [co, k] (+)= G [co, m] · P [m, k]
+                matmul(
+                    &mut grad_w,
+                    g_band,
+                    View::rows(cols, m, k),
+                    !first_product,
+                    parallelism,
+                );
+                // ∂P [m, k] = Gᵀ [m, co] · W [co, k], written over the patch matrix.
+                let g_t = View::strided(band_gy, m, co, 1, out_plane);
+                matmul(cols, g_t, View::rows(wmat, co, k), false, parallelism);
                 first_product = false;
                 add_patches(g, cols, oy0, grad_padded);
             }
@@ -530,7 +563,7 @@ pub(super) fn conv_transpose2d_forward(
         tap_major: true,
         ..*g
     };
-    let band_rows = (BAND_BYTES / (g.ow * k * 4).max(1)).clamp(1, g.oh.max(1));
+    let band_rows = band_rows(g, BAND_BYTES);
     let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
     let padded_len = hp * wp * co;
     let mut out = vec![0f32; n * out_image];
@@ -547,33 +580,9 @@ pub(super) fn conv_transpose2d_forward(
                 let m = rows * g.ow;
                 let cols = &mut cols[..m * k];
                 let band = &image[oy0 * g.ow..];
-                // SAFETY: `band` holds `ci` planes of `in_plane` values from the band's first pixel
-                // on (the last one read is inside `image`), read as `[m, ci]` with row stride 1 and
-                // column stride `in_plane`; `w2` is `[ci, k]` and `cols` `[m, k]`, row-major; only
-                // `cols` is written.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        k,
-                        ci,
-                        cols.as_mut_ptr(),
-                        1,
-                        k as isize,
-                        false,
-                        band.as_ptr(),
-                        in_plane as isize,
-                        1,
-                        w2.as_ptr(),
-                        1,
-                        k as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        parallelism,
-                    );
-                }
+                // xᵀ: the band's `m` pixels of the `ci` planes (`in_plane` apart).
+                let x_t = View::strided(band, m, ci, 1, in_plane);
+                matmul(cols, x_t, View::rows(&w2, ci, k), false, parallelism);
                 add_patches(&cl, cols, oy0, padded);
             }
             from_padded_channels_last(&cl, padded, dst);
