@@ -26,7 +26,9 @@ use std::cell::RefCell;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::Geometry;
+use candle_core::Shape;
+
+use super::{add_bias_planes, check_bias, Geometry};
 
 /// The target size (in bytes) of the patch matrix of one band of output rows.
 const BAND_BYTES: usize = 24 << 20;
@@ -199,9 +201,7 @@ pub(super) fn conv2d_forward_banded(
         );
     }
     if let Some(b) = bias {
-        if b.len() != co {
-            candle_core::bail!("conv: {co} output channels but {} biases", b.len());
-        }
+        check_bias(b, co)?;
     }
     let n = xs.len() / image_len;
     let out_plane = g.oh * g.ow;
@@ -540,12 +540,7 @@ pub(super) fn conv_transpose2d_forward(
         );
     }
     if let Some(b) = bias {
-        if b.len() != co {
-            candle_core::bail!(
-                "conv_transpose2d: {co} output channels but {} biases",
-                b.len()
-            );
-        }
+        check_bias(b, co)?;
     }
     let n = xs.len() / (ci * in_plane);
     // W' `[ci, taps·co]`: W'[i][tap·co + c] = W[c·taps + tap][i].
@@ -586,12 +581,10 @@ pub(super) fn conv_transpose2d_forward(
                 add_patches(&cl, cols, oy0, padded);
             }
             from_padded_channels_last(&cl, padded, dst);
-            if let Some(b) = bias {
-                for (plane, &bv) in dst.chunks_exact_mut(g.h * g.w).zip(b) {
-                    plane.iter_mut().for_each(|v| *v += bv);
-                }
-            }
         }
     });
+    if let Some(b) = bias {
+        add_bias_planes(&mut out, b, &Shape::from((n, co, g.h, g.w)))?;
+    }
     Ok(out)
 }

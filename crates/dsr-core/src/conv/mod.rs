@@ -521,13 +521,19 @@ impl InplaceOp2 for AddBiasInPlace {
     }
 }
 
+/// Fails unless `bias` has one value per output channel (`co`).
+fn check_bias(bias: &[f32], co: usize) -> candle_core::Result<()> {
+    if bias.len() != co {
+        candle_core::bail!("conv: {co} output channels but {} biases", bias.len());
+    }
+    Ok(())
+}
+
 /// Adds `bias[c]` to every value of channel `c` of the NCHW `values` of `shape` (the same f32
 /// additions as a broadcast add); the bias must have one value per channel.
 fn add_bias_planes(values: &mut [f32], bias: &[f32], shape: &Shape) -> candle_core::Result<()> {
     let (_, co, h, w) = shape.dims4()?;
-    if bias.len() != co {
-        candle_core::bail!("conv: {co} output channels but {} biases", bias.len());
-    }
+    check_bias(bias, co)?;
     for (k, plane) in values.chunks_mut(h * w).enumerate() {
         plane.iter_mut().for_each(|v| *v += bias[k % co]);
     }
