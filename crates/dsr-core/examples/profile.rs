@@ -1,9 +1,10 @@
 //! Per-module wall time of one inference forward of the reference model (random weights).
 //!
 //! ```text
-//! cargo run --release -p dsr-core --example profile -- [--size 256] [--batch 1] [--repeat 3]
+//! cargo run --release -p dsr-core --example profile -- [--size 256] [--batch 1] [--repeat 3] [--direct]
 //! ```
 //! Prints each stage's time (the median of `--repeat` runs after one warm-up) and its share.
+//! `--direct` turns Winograd's 3×3 convolutions off (`dsr_core::runtime::set_winograd`).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -22,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (size, batch, repeat) = (arg("--size", 256), arg("--batch", 1), arg("--repeat", 3));
     // The `dsr` binary's allocator settings.
     dsr_core::runtime::tune_allocator();
+    dsr_core::runtime::set_winograd(!std::env::args().any(|a| a == "--direct"));
     let cfg = DsrConfig::default();
     // Plain tensors, as a loaded checkpoint gives them (no autograd tracking).
     let tensors = DsrModel::seeded_weights(&cfg, 0)?;

@@ -21,6 +21,24 @@ pub fn activation_recompute() -> bool {
     RECOMPUTE.load(Ordering::Relaxed)
 }
 
+/// See [`set_winograd`].
+static WINOGRAD: AtomicBool = AtomicBool::new(true);
+
+/// Chooses how inference computes 3×3 convolutions with stride 1 and padding 1 on even-sized
+/// CPU f32 inputs: by Winograd's F(2×2, 3×3) (on, the default: 2.25× fewer multiplications, a
+/// different rounding that stays within the reference tolerances) or directly (off: each output
+/// the same dot product, summed in the same order, as PyTorch's CPU convolution). Convolutions
+/// that are differentiated (training) always run directly. Applies to convolutions started after
+/// the call.
+pub fn set_winograd(on: bool) {
+    WINOGRAD.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_winograd`] is on.
+pub fn winograd() -> bool {
+    WINOGRAD.load(Ordering::Relaxed)
+}
+
 /// Tunes glibc's allocator for tensor work; call it first thing in `main`, before any thread
 /// starts. Tensor operations allocate and free large buffers at a high rate. With glibc's
 /// defaults each large buffer is a fresh mmap whose pages fault in on first touch and are

@@ -611,7 +611,7 @@ impl Session {
         }
 
         let validation = evaluate(
-            trainer.model(),
+            &trainer.inference_model()?,
             &splits.val,
             size,
             cfg.data.eval_batch,

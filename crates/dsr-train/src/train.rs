@@ -462,6 +462,19 @@ impl Trainer {
         &self.model
     }
 
+    /// The model's current weights as a model for inference: plain tensors outside the autograd
+    /// graph (sharing the trained values' storage), which run exactly as a model loaded from a
+    /// saved file does, Winograd's convolutions included, and build no graph.
+    pub fn inference_model(&self) -> Result<DsrModel> {
+        let tensors = self
+            .model_tensors()
+            .into_iter()
+            .map(|(k, v)| (k, v.detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &self.device);
+        Ok(DsrModel::new(&self.cfg.model, vb)?)
+    }
+
     /// The model's tensors under their PyTorch keys.
     pub fn model_tensors(&self) -> HashMap<String, Tensor> {
         let data = self.varmap.data().lock().expect("varmap lock");

@@ -56,7 +56,7 @@ fn gemm_parallelism() -> Parallelism {
 
 /// A matrix inside a slice: element `(i, j)` at `data[i·row_stride + j·col_stride]`.
 #[derive(Debug, Clone, Copy)]
-struct View<'a> {
+pub(super) struct View<'a> {
     data: &'a [f32],
     rows: usize,
     cols: usize,
@@ -66,12 +66,12 @@ struct View<'a> {
 
 impl<'a> View<'a> {
     /// A row-major `[rows, cols]` matrix.
-    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub(super) fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
         Self::strided(data, rows, cols, cols, 1)
     }
 
     /// A matrix with the given strides; panics if it does not lie inside `data`.
-    fn strided(
+    pub(super) fn strided(
         data: &'a [f32],
         rows: usize,
         cols: usize,
@@ -98,7 +98,13 @@ impl<'a> View<'a> {
 
 /// `dst = lhs · rhs`, or `dst += lhs · rhs` when `accumulate`, with `dst` the row-major
 /// `[lhs.rows, rhs.cols]` matrix at the start of `dst`; gemm on `parallelism`'s threads.
-fn matmul(dst: &mut [f32], lhs: View, rhs: View, accumulate: bool, parallelism: Parallelism) {
+pub(super) fn matmul(
+    dst: &mut [f32],
+    lhs: View,
+    rhs: View,
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(
         rhs.rows, k,
@@ -146,7 +152,7 @@ fn band_rows(g: &Geometry, band_bytes: usize) -> usize {
 /// Runs `f` on `len` values of this thread's working memory, whose contents are left over from
 /// earlier calls. Re-entered on the same thread (a convolution inside a rayon job that runs while
 /// another waits), it falls back to a fresh buffer.
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => {
             if buf.len() < len {
@@ -269,7 +275,7 @@ fn forward_images(
 
 /// Copies one NCHW image into `padded` (`[h + 2·pad, w + 2·pad, c]`, channels last), leaving
 /// the border zero.
-fn to_padded_channels_last(g: &Geometry, image: &[f32], padded: &mut [f32]) {
+pub(super) fn to_padded_channels_last(g: &Geometry, image: &[f32], padded: &mut [f32]) {
     let (c, h, w, p) = (g.channels, g.h, g.w, g.pad);
     let row_len = (w + 2 * p) * c;
     padded
@@ -322,7 +328,7 @@ fn fill_patches(g: &Geometry, padded: &[f32], oy0: usize, cols: &mut [f32]) {
 
 /// Writes the band `product` (`[m, co]`, pixel-major) onto the output planes of one image
 /// (`dst`, `[co, oh·ow]`) from pixel `first` on, adding `bias[o]` to channel `o`.
-fn scatter_band(
+pub(super) fn scatter_band(
     g: &Geometry,
     product: &[f32],
     co: usize,

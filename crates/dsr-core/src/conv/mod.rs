@@ -27,6 +27,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 mod channels_last;
+mod winograd;
 
 /// The largest patch matrix (in bytes) built at once; larger batches are processed in groups of
 /// whole images so that the patch matrices of one group stay below this size.
@@ -362,10 +363,32 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Tensor> {
-    conv2d_limited(xs, weight, bias, stride, padding, COLS_BYTES_LIMIT)
+    let winograd = crate::runtime::winograd();
+    conv2d_limited(
+        xs,
+        weight,
+        bias,
+        stride,
+        padding,
+        COLS_BYTES_LIMIT,
+        winograd,
+    )
 }
 
-/// [`conv2d`] with an explicit bound on the bytes of patch matrices built at once.
+/// [`conv2d`] without Winograd's algorithm, whatever [`crate::runtime::set_winograd`] says: the
+/// same bits as the tracked convolution's forward.
+pub(crate) fn conv2d_direct(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    conv2d_limited(xs, weight, bias, stride, padding, COLS_BYTES_LIMIT, false)
+}
+
+/// [`conv2d`] with an explicit bound on the bytes of patch matrices built at once; untracked
+/// 3×3 convolutions that suit it run by Winograd's algorithm when `winograd`.
 fn conv2d_limited(
     xs: &Tensor,
     weight: &Tensor,
@@ -373,6 +396,7 @@ fn conv2d_limited(
     stride: usize,
     padding: usize,
     limit: usize,
+    winograd: bool,
 ) -> candle_core::Result<Tensor> {
     if !fast_path(xs, weight) {
         let ys = xs.conv2d(weight, padding, stride, 1, 1)?;
@@ -411,11 +435,16 @@ fn conv2d_limited(
     if xs.track_op() || wmat.track_op() {
         return tracked(&xs, &wmat, bias, ConvOp::new(Kind::Conv, g, limit));
     }
+    // Nothing to differentiate (inference): straight from the tensors' storage, bias included.
+    let shape = (xs.dim(0)?, co, g.oh, g.ow);
+    if winograd && winograd::applies(&g) && ci >= winograd::MIN_CHANNELS {
+        return untracked_channels_last(&xs, &wmat, bias, shape, |x, w, b| {
+            winograd::conv2d_forward(&g, x, w, co, b)
+        });
+    }
     if !prefers_channels_last(g.oh * g.ow, co) {
         return add_bias_fresh(nchw_product(Kind::Conv, g, limit, &xs, &wmat)?, bias);
     }
-    // Nothing to differentiate (inference): straight from the tensors' storage, bias included.
-    let shape = (xs.dim(0)?, co, g.oh, g.ow);
     untracked_channels_last(&xs, &wmat, bias, shape, |x, w, b| {
         channels_last::conv2d_forward(&g, x, w, co, b)
     })
@@ -955,13 +984,13 @@ mod tests {
     #[test]
     fn image_groups_give_the_same_convolution() {
         grouping_is_invisible(
-            |x, w, b, limit| conv2d_limited(x, w, Some(b), 1, 1, limit),
+            |x, w, b, limit| conv2d_limited(x, w, Some(b), 1, 1, limit, false),
             &[3, 2, 6, 5],
             &[4, 2, 3, 3],
             4,
         );
         grouping_is_invisible(
-            |x, w, b, limit| conv2d_limited(x, w, Some(b), 2, 1, limit),
+            |x, w, b, limit| conv2d_limited(x, w, Some(b), 2, 1, limit, false),
             &[3, 2, 7, 6],
             &[4, 2, 4, 4],
             4,
