@@ -32,6 +32,12 @@ const EXIT_CODES: &str = "Exit codes:
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Compute inference's 3×3 convolutions directly instead of by Winograd's algorithm: each
+    /// output then is the dot product PyTorch's CPU convolution computes, summed in the same
+    /// order (about 1.3× slower inference; see docs/performance.md). Training's differentiated
+    /// convolutions are always direct.
+    #[arg(long, global = true)]
+    direct_conv: bool,
 }
 
 /// What to do with an input image that cannot be read.
@@ -282,6 +288,7 @@ fn main() -> ExitCode {
     dsr_core::runtime::tune_allocator();
     // clap prints help and version with exit code 0 and usage errors with exit code 2.
     let cli = Cli::parse();
+    dsr_core::runtime::set_winograd(!cli.direct_conv);
     let result = match cli.command {
         Command::Info { file } => info(file),
         Command::Convert {

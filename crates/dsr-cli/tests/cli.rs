@@ -263,6 +263,36 @@ fn predict_raw_at_model_size_equals_library_inference() {
 }
 
 #[test]
+fn direct_convolutions_change_the_maps_only_by_rounding() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = dir.path().join("model.safetensors");
+    make_model(&model_path, true);
+    let img_path = dir.path().join("x.png");
+    make_image(&img_path, 64, 64, true, 5);
+    let run = |flag: Option<&str>| {
+        let out_dir = dir.path().join(format!("out{}", flag.unwrap_or("")));
+        let mut args = vec!["predict", "--model", s(&model_path), s(&img_path)];
+        args.extend(["--out", s(&out_dir), "--raw"]);
+        args.extend(flag);
+        let out = dsr(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        read_npy(&out_dir.join("x.npy")).1
+    };
+    let (winograd, direct) = (run(None), run(Some("--direct-conv")));
+    assert_eq!(winograd.len(), direct.len());
+    // The tiny model's deepest U-Net layers (32 channels) take Winograd's algorithm by default.
+    assert_ne!(winograd, direct);
+    let worst = winograd
+        .iter()
+        .zip(&direct)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    // Random weights: the instance norms of channels with little variance amplify rounding
+    // (2e-5 seen here; a map value is a probability).
+    assert!(worst < 1e-4, "maps differ by {worst}");
+}
+
+#[test]
 fn predict_takes_glob_patterns_and_fails_on_request() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model.safetensors");

@@ -1,5 +1,6 @@
 //! The fast CPU convolutions against candle's own operators at DSR's shapes: forward alone and
-//! forward + backward (input, weight and bias gradients).
+//! forward + backward (input, weight and bias gradients), and the inference forward (no graph)
+//! with Winograd's 3×3 convolutions on and off.
 //!
 //! `cargo bench -p dsr-core --bench conv -- --warm-up-time 1 --measurement-time 3`
 
@@ -135,6 +136,22 @@ fn bench_layers(c: &mut Criterion) {
     for layer in &layers {
         let mut group = c.benchmark_group(layer.name);
         group.sample_size(10);
+        if !layer.transposed {
+            // Inference: plain tensors (no graph), 3×3 layers by Winograd's algorithm or
+            // directly.
+            let (x, w, b) = (
+                layer.x.as_detached_tensor(),
+                layer.w.as_detached_tensor(),
+                layer.b.as_detached_tensor(),
+            );
+            for (label, winograd) in [("winograd", true), ("direct", false)] {
+                dsr_core::runtime::set_winograd(winograd);
+                group.bench_function(format!("inference {label}"), |bench| {
+                    bench.iter(|| conv2d(&x, &w, Some(&b), layer.stride, layer.padding).unwrap())
+                });
+            }
+            dsr_core::runtime::set_winograd(true);
+        }
         for (label, imp) in [("fast", Imp::Fast), ("candle", Imp::Candle)] {
             group.bench_function(format!("{label} fwd"), |bench| {
                 bench.iter(|| layer.forward(imp))
