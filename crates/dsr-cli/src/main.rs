@@ -289,6 +289,11 @@ fn main() -> ExitCode {
     // clap prints help and version with exit code 0 and usage errors with exit code 2.
     let cli = Cli::parse();
     dsr_core::runtime::set_winograd(!cli.direct_conv);
+    // Inference on weights read from a file, which nothing changes: layers may keep their
+    // weights' transformed copies.
+    if matches!(cli.command, Command::Predict { .. } | Command::Test { .. }) {
+        dsr_core::runtime::set_weight_cache(true);
+    }
     let result = match cli.command {
         Command::Info { file } => info(file),
         Command::Convert {

@@ -1,10 +1,11 @@
 //! Per-module wall time of one inference forward of the reference model (random weights).
 //!
 //! ```text
-//! cargo run --release -p dsr-core --example profile -- [--size 256] [--batch 1] [--repeat 3] [--direct]
+//! cargo run --release -p dsr-core --example profile -- [--size 256] [--batch 1] [--repeat 3] [--direct] [--no-cache]
 //! ```
 //! Prints each stage's time (the median of `--repeat` runs after one warm-up) and its share.
-//! `--direct` turns Winograd's 3×3 convolutions off (`dsr_core::runtime::set_winograd`).
+//! `--direct` turns Winograd's 3×3 convolutions off (`dsr_core::runtime::set_winograd`),
+//! `--no-cache` the layers' copies of their transformed weights (`set_weight_cache`).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -24,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The `dsr` binary's allocator settings.
     dsr_core::runtime::tune_allocator();
     dsr_core::runtime::set_winograd(!std::env::args().any(|a| a == "--direct"));
+    // As `dsr predict`: the layers keep their weights' transformed copies.
+    dsr_core::runtime::set_weight_cache(!std::env::args().any(|a| a == "--no-cache"));
     let cfg = DsrConfig::default();
     // Plain tensors, as a loaded checkpoint gives them (no autograd tracking).
     let tensors = DsrModel::seeded_weights(&cfg, 0)?;

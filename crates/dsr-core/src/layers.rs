@@ -32,6 +32,8 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
+    /// The weight's copies in the kernels' layouts (see [`crate::runtime::set_weight_cache`]).
+    cache: crate::conv::WeightCache,
 }
 
 impl Conv2d {
@@ -58,6 +60,7 @@ impl Conv2d {
             bias,
             stride,
             padding,
+            cache: Default::default(),
         })
     }
 
@@ -83,12 +86,13 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        crate::conv::conv2d(
+        crate::conv::conv2d_cached(
             xs,
             &self.weight,
             self.bias.as_ref(),
             self.stride,
             self.padding,
+            &self.cache,
         )
     }
 }

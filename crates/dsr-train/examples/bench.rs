@@ -13,7 +13,9 @@
 //! `{"mode", "batch", "size", "preset", "seconds": [...], "median_s", "images_per_s", "peak_rss_bytes"}`.
 //! `--preset small` uses the small configuration (quick checks; not comparable to the reference).
 //! `--recompute` turns on `dsr_core::runtime::set_activation_recompute` (training memory
-//! against time; `dsr train --recompute`).
+//! against time; `dsr train --recompute`). Inference runs as `dsr predict` does (Winograd's 3×3
+//! convolutions, layers keeping their transformed filters); `--direct-conv` turns Winograd off
+//! (`dsr --direct-conv`).
 
 use std::time::Instant;
 
@@ -75,6 +77,8 @@ fn main() -> BoxResult<()> {
 
     let seconds = match mode.as_str() {
         "infer" => {
+            dsr_core::runtime::set_weight_cache(true);
+            dsr_core::runtime::set_winograd(!args.iter().any(|a| a == "--direct-conv"));
             let model = DsrModel::new(
                 &cfg,
                 VarBuilder::from_tensors(DsrModel::seeded_weights(&cfg, 0)?, DType::F32, &device),

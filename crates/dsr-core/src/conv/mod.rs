@@ -25,6 +25,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp2, Layout, Shape, Tensor,
 };
 use rayon::prelude::*;
+use std::sync::{Arc, OnceLock};
 
 mod channels_last;
 mod winograd;
@@ -372,6 +373,60 @@ pub fn conv2d(
         padding,
         COLS_BYTES_LIMIT,
         winograd,
+        None,
+    )
+}
+
+/// Copies of a convolution layer's weight in the layouts the kernels take, made at the first
+/// convolution that needs them and kept for the next ones while
+/// [`crate::runtime::set_weight_cache`] is on. Clones share the copies.
+#[derive(Debug, Clone, Default)]
+pub struct WeightCache {
+    winograd: Arc<OnceLock<Vec<f32>>>,
+}
+
+impl WeightCache {
+    /// Runs `f` on the Winograd filters of `weight` (`[co, ci, 3, 3]`): from the cache when it
+    /// is on and filled, computed (and kept, when it is on) otherwise.
+    fn with_winograd_filters<R>(
+        &self,
+        weight: &Tensor,
+        f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let (co, ci, _, _) = weight.dims4()?;
+        let compute = || with_f32_data(weight, |w| Ok(winograd::transformed_filters(w, ci, co)));
+        if !crate::runtime::weight_cache() {
+            return f(&compute()?);
+        }
+        if let Some(u) = self.winograd.get() {
+            return f(u);
+        }
+        // Two threads may both compute it; the first stored copy is kept (the same values).
+        let _ = self.winograd.set(compute()?);
+        f(self.winograd.get().expect("set just above"))
+    }
+}
+
+/// [`conv2d`] of a layer whose weight copies are kept in `cache` (see [`WeightCache`]).
+pub fn conv2d_cached(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    cache: &WeightCache,
+) -> candle_core::Result<Tensor> {
+    let winograd = crate::runtime::winograd();
+    let limit = COLS_BYTES_LIMIT;
+    conv2d_limited(
+        xs,
+        weight,
+        bias,
+        stride,
+        padding,
+        limit,
+        winograd,
+        Some(cache),
     )
 }
 
@@ -384,11 +439,22 @@ pub(crate) fn conv2d_direct(
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Tensor> {
-    conv2d_limited(xs, weight, bias, stride, padding, COLS_BYTES_LIMIT, false)
+    conv2d_limited(
+        xs,
+        weight,
+        bias,
+        stride,
+        padding,
+        COLS_BYTES_LIMIT,
+        false,
+        None,
+    )
 }
 
 /// [`conv2d`] with an explicit bound on the bytes of patch matrices built at once; untracked
-/// 3×3 convolutions that suit it run by Winograd's algorithm when `winograd`.
+/// 3×3 convolutions that suit it run by Winograd's algorithm when `winograd`, with the filters
+/// of `cache` when given.
+#[allow(clippy::too_many_arguments)]
 fn conv2d_limited(
     xs: &Tensor,
     weight: &Tensor,
@@ -397,6 +463,7 @@ fn conv2d_limited(
     padding: usize,
     limit: usize,
     winograd: bool,
+    cache: Option<&WeightCache>,
 ) -> candle_core::Result<Tensor> {
     if !fast_path(xs, weight) {
         let ys = xs.conv2d(weight, padding, stride, 1, 1)?;
@@ -410,6 +477,16 @@ fn conv2d_limited(
     // Tap-major rows make each output a dot product summed in the same order as PyTorch's CPU
     // convolution; the weight is reordered to match.
     let g = Geometry::new(true, ci, (h, w), (kh, kw), stride, padding)?;
+    let untracked = !xs.track_op() && !weight.track_op();
+    if untracked && winograd && winograd::applies(&g) && ci >= winograd::MIN_CHANNELS {
+        let shape = (xs.dim(0)?, co, g.oh, g.ow);
+        let fresh = WeightCache::default();
+        return cache.unwrap_or(&fresh).with_winograd_filters(weight, |u| {
+            untracked_channels_last(xs, u, bias, shape, |x, u, b| {
+                winograd::conv2d_forward(&g, x, u, co, b)
+            })
+        });
+    }
     let wmat = tap_major_matrix(weight)?;
     let xs = xs.contiguous()?;
     let pointwise = kh == 1 && kw == 1 && stride == 1 && padding == 0;
@@ -437,35 +514,31 @@ fn conv2d_limited(
     }
     // Nothing to differentiate (inference): straight from the tensors' storage, bias included.
     let shape = (xs.dim(0)?, co, g.oh, g.ow);
-    if winograd && winograd::applies(&g) && ci >= winograd::MIN_CHANNELS {
-        return untracked_channels_last(&xs, &wmat, bias, shape, |x, w, b| {
-            winograd::conv2d_forward(&g, x, w, co, b)
-        });
-    }
     if !prefers_channels_last(g.oh * g.ow, co) {
         return add_bias_fresh(nchw_product(Kind::Conv, g, limit, &xs, &wmat)?, bias);
     }
-    untracked_channels_last(&xs, &wmat, bias, shape, |x, w, b| {
-        channels_last::conv2d_forward(&g, x, w, co, b)
+    with_f32_data(&wmat, |wmat| {
+        untracked_channels_last(&xs, wmat, bias, shape, |x, w, b| {
+            channels_last::conv2d_forward(&g, x, w, co, b)
+        })
     })
 }
 
-/// Runs the channels-last `kernel(x, W, bias)` on the plain tensors `xs` and `wmat` and returns
-/// its output as a tensor of `shape`; the bias goes into the kernel when it is an f32 CPU vector,
+/// Runs the channels-last `kernel(x, weights, bias)` on the plain tensor `xs` and the weight
+/// values `weights` (in the layout the kernel takes) and returns its output as a tensor of
+/// `shape`; the bias goes into the kernel when it is an f32 CPU vector,
 /// otherwise it is added afterwards.
 fn untracked_channels_last(
     xs: &Tensor,
-    wmat: &Tensor,
+    weights: &[f32],
     bias: Option<&Tensor>,
     shape: (usize, usize, usize, usize),
     kernel: impl Fn(&[f32], &[f32], Option<&[f32]>) -> candle_core::Result<Vec<f32>>,
 ) -> candle_core::Result<Tensor> {
     let f32_bias = bias.filter(|b| f32_cpu_vector(b));
-    let ys = with_f32_data(xs, |x| {
-        with_f32_data(wmat, |w| match f32_bias {
-            Some(b) => with_f32_data(b, |b| kernel(x, w, Some(b))),
-            None => kernel(x, w, None),
-        })
+    let ys = with_f32_data(xs, |x| match f32_bias {
+        Some(b) => with_f32_data(b, |b| kernel(x, weights, Some(b))),
+        None => kernel(x, weights, None),
     })?;
     let ys = Tensor::from_vec(ys, shape, &Device::Cpu)?;
     match f32_bias {
@@ -922,8 +995,10 @@ fn conv_transpose2d_limited(
         return add_bias_fresh(nchw_product(Kind::Transposed, g, limit, &xs, &wmat)?, bias);
     }
     let shape = (xs.dim(0)?, co, oh, ow);
-    untracked_channels_last(&xs, &wmat, bias, shape, |x, w, b| {
-        channels_last::conv_transpose2d_forward(&g, x, w, ci, b)
+    with_f32_data(&wmat, |wmat| {
+        untracked_channels_last(&xs, wmat, bias, shape, |x, w, b| {
+            channels_last::conv_transpose2d_forward(&g, x, w, ci, b)
+        })
     })
 }
 
@@ -984,13 +1059,13 @@ mod tests {
     #[test]
     fn image_groups_give_the_same_convolution() {
         grouping_is_invisible(
-            |x, w, b, limit| conv2d_limited(x, w, Some(b), 1, 1, limit, false),
+            |x, w, b, limit| conv2d_limited(x, w, Some(b), 1, 1, limit, false, None),
             &[3, 2, 6, 5],
             &[4, 2, 3, 3],
             4,
         );
         grouping_is_invisible(
-            |x, w, b, limit| conv2d_limited(x, w, Some(b), 2, 1, limit, false),
+            |x, w, b, limit| conv2d_limited(x, w, Some(b), 2, 1, limit, false, None),
             &[3, 2, 7, 6],
             &[4, 2, 4, 4],
             4,

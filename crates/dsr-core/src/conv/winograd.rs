@@ -46,27 +46,25 @@ pub(super) fn applies(g: &Geometry) -> bool {
         && g.w % 2 == 0
 }
 
-/// The transformed filters `U = G g Gᵀ` of the tap-major weight matrix `wmat` (`[co, 9·c]`),
-/// laid out `[c, 16, co]`; computed in f64 and rounded once.
-fn transformed_filters(wmat: &[f32], c: usize, co: usize) -> Vec<f32> {
-    // Blocks of CHUNK channels × CHUNK outputs, so that the reads (along the weight's columns)
-    // and the writes (along U's rows) both stay within a few hundred cache lines.
+/// The transformed filters `U = G g Gᵀ` of a weight in PyTorch's layout (`[co, c, 3, 3]`),
+/// laid out `[c, 16, co]` as [`conv2d_forward`] takes them; computed in f64 and rounded once.
+pub(super) fn transformed_filters(weight: &[f32], c: usize, co: usize) -> Vec<f32> {
+    // Blocks of CHUNK channels: the CHUNK filters of one output are 9·CHUNK contiguous values,
+    // and the writes of one output (16 per filter, `co` apart) stay within a few hundred cache
+    // lines that the next outputs write next to.
     const CHUNK: usize = 16;
-    let k = 9 * c;
     let mut u = vec![0f32; c * BLOCK * co];
     u.par_chunks_mut(CHUNK * BLOCK * co)
         .enumerate()
         .for_each(|(chunk, block)| {
             let channels = chunk * CHUNK..(chunk * CHUNK + CHUNK).min(c);
-            for o0 in (0..co).step_by(CHUNK) {
+            for o in 0..co {
                 for ch in channels.clone() {
-                    for o in o0..(o0 + CHUNK).min(co) {
-                        let g: [f64; 9] =
-                            std::array::from_fn(|tap| f64::from(wmat[o * k + tap * c + ch]));
-                        let at = (ch - chunk * CHUNK) * BLOCK * co + o;
-                        for (e, v) in filter_transform(&g).into_iter().enumerate() {
-                            block[at + e * co] = v as f32;
-                        }
+                    let at = (o * c + ch) * 9;
+                    let g: [f64; 9] = std::array::from_fn(|tap| f64::from(weight[at + tap]));
+                    let dst = (ch - chunk * CHUNK) * BLOCK * co + o;
+                    for (e, v) in filter_transform(&g).into_iter().enumerate() {
+                        block[dst + e * co] = v as f32;
                     }
                 }
             }
@@ -197,17 +195,18 @@ fn untransform_tile_row(m: &[f32], tiles: usize, co: usize, t0: usize, dst: &mut
     });
 }
 
-/// The convolution of `n` NCHW images `xs` (`[n, c, h, w]`) with the tap-major weight matrix
-/// `wmat` (`[co, 9·c]`), plus `bias[o]` when given, for a geometry where [`applies`] holds.
+/// The convolution of `n` NCHW images `xs` (`[n, c, h, w]`) with the filters whose
+/// [`transformed_filters`] are `u`, plus `bias[o]` when given, for a geometry where [`applies`]
+/// holds.
 /// Returns the NCHW output `[n, co, h, w]` as a flat vector.
 pub(super) fn conv2d_forward(
     g: &Geometry,
     xs: &[f32],
-    wmat: &[f32],
+    u: &[f32],
     co: usize,
     bias: Option<&[f32]>,
 ) -> candle_core::Result<Vec<f32>> {
-    conv2d_forward_banded(g, xs, wmat, co, bias, BAND_BYTES)
+    conv2d_forward_banded(g, xs, u, co, bias, BAND_BYTES)
 }
 
 /// [`conv2d_forward`] with bands of tile rows whose transformed inputs and products take about
@@ -215,7 +214,7 @@ pub(super) fn conv2d_forward(
 pub(super) fn conv2d_forward_banded(
     g: &Geometry,
     xs: &[f32],
-    wmat: &[f32],
+    u: &[f32],
     co: usize,
     bias: Option<&[f32]>,
     band_bytes: usize,
@@ -234,11 +233,10 @@ pub(super) fn conv2d_forward_banded(
             xs.len()
         );
     }
-    if wmat.len() != co * 9 * c {
+    if u.len() != c * BLOCK * co {
         candle_core::bail!(
-            "Winograd convolution: {} weight values for a {co}×{} matrix",
-            wmat.len(),
-            9 * c
+            "Winograd convolution: {} transformed filter values for {c} → {co} channels",
+            u.len()
         );
     }
     if let Some(b) = bias {
@@ -246,7 +244,6 @@ pub(super) fn conv2d_forward_banded(
     }
     let n = xs.len() / image_len;
     let (th, tw) = (h / 2, w / 2);
-    let u = transformed_filters(wmat, c, co);
     let band_tile_rows = (band_bytes / (BLOCK * tw * (c + co) * 4).max(1)).clamp(1, th);
     let band_tiles = band_tile_rows * tw;
     let padded_len = (h + 2) * (w + 2) * c;
@@ -303,6 +300,19 @@ mod tests {
     use super::super::channels_last;
     use super::*;
 
+    /// The tap-major weight matrix (`[co, 9·c]`) of a `[co, c, 3, 3]` weight.
+    fn tap_major(weight: &[f32], c: usize, co: usize) -> Vec<f32> {
+        let mut wmat = vec![0f32; weight.len()];
+        for o in 0..co {
+            for ch in 0..c {
+                for tap in 0..9 {
+                    wmat[o * 9 * c + tap * c + ch] = weight[(o * c + ch) * 9 + tap];
+                }
+            }
+        }
+        wmat
+    }
+
     /// Deterministic values in about [-1, 1].
     fn ramp(len: usize, seed: u32) -> Vec<f32> {
         (0..len as u32)
@@ -330,10 +340,12 @@ mod tests {
             let g = Geometry::new(true, c, (h, w), (3, 3), 1, 1).unwrap();
             assert!(applies(&g));
             let xs = ramp(n * c * h * w, 1);
-            let wmat = ramp(co * 9 * c, 2);
+            let weight = ramp(co * 9 * c, 2);
             let bias = ramp(co, 3);
+            let wmat = tap_major(&weight, c, co);
+            let u = transformed_filters(&weight, c, co);
             let direct = channels_last::conv2d_forward(&g, &xs, &wmat, co, Some(&bias)).unwrap();
-            let fast = conv2d_forward_banded(&g, &xs, &wmat, co, Some(&bias), band).unwrap();
+            let fast = conv2d_forward_banded(&g, &xs, &u, co, Some(&bias), band).unwrap();
             assert_eq!(direct.len(), fast.len());
             // Each output sums 9·c products of magnitude ≤ 1: bound the error relative to that.
             let scale = (9 * c) as f32;
@@ -346,7 +358,7 @@ mod tests {
                 worst <= 4.0 * f32::EPSILON * scale,
                 "c {c}, {h}×{w}, co {co}: max difference {worst}"
             );
-            let unbiased = conv2d_forward_banded(&g, &xs, &wmat, co, None, band).unwrap();
+            let unbiased = conv2d_forward_banded(&g, &xs, &u, co, None, band).unwrap();
             for (i, (a, b)) in fast.iter().zip(&unbiased).enumerate() {
                 let o = (i / (h * w)) % co;
                 assert_eq!(*a, b + bias[o], "bias of channel {o}");
@@ -361,9 +373,11 @@ mod tests {
         let (c, h, w, co) = (32, 16, 12, 16);
         let g = Geometry::new(true, c, (h, w), (3, 3), 1, 1).unwrap();
         let xs = ramp(c * h * w, 4);
-        let wmat: Vec<f32> = ramp(co * 9 * c, 5).iter().map(|v| v * 0.05).collect();
+        let weight: Vec<f32> = ramp(co * 9 * c, 5).iter().map(|v| v * 0.05).collect();
+        let wmat = tap_major(&weight, c, co);
         let direct = channels_last::conv2d_forward(&g, &xs, &wmat, co, None).unwrap();
-        let fast = conv2d_forward(&g, &xs, &wmat, co, None).unwrap();
+        let u = transformed_filters(&weight, c, co);
+        let fast = conv2d_forward(&g, &xs, &u, co, None).unwrap();
         let (mut worst_direct, mut worst_fast) = (0f64, 0f64);
         for o in 0..co {
             for y in 0..h {
@@ -404,13 +418,15 @@ mod tests {
         let err = conv2d_forward(
             &geometry((7, 8), 3, 1, 1),
             &[0.0; 4 * 56],
-            &[0.0; 36],
+            &[0.0; 64],
             1,
             None,
         )
         .unwrap_err();
         assert!(err.to_string().contains("even-sized"), "{err}");
-        let err = conv2d_forward(&g, &[0.0; 10], &[0.0; 36], 1, None).unwrap_err();
+        let err = conv2d_forward(&g, &[0.0; 10], &[0.0; 64], 1, None).unwrap_err();
         assert!(err.to_string().contains("not whole"), "{err}");
+        let err = conv2d_forward(&g, &[0.0; 256], &[0.0; 36], 1, None).unwrap_err();
+        assert!(err.to_string().contains("transformed filter"), "{err}");
     }
 }
