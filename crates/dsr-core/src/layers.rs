@@ -206,10 +206,12 @@ impl InplaceOp1 for InstanceNormRelu {
         data[start..end].par_chunks_mut(h * w).for_each(|plane| {
             let (mean, invstd) = plane_stats(plane);
             let beta = -(mean * invstd);
-            for v in plane.iter_mut() {
-                // The same arithmetic as `normalize_planes`.
-                *v = ((*v as f64 * invstd as f64 + beta as f64) as f32).max(0.0);
-            }
+            crate::simd::wide(|| {
+                for v in plane.iter_mut() {
+                    // The same arithmetic as `normalize_planes`.
+                    *v = ((*v as f64 * invstd as f64 + beta as f64) as f32).max(0.0);
+                }
+            });
         });
         Ok(())
     }
@@ -231,12 +233,14 @@ fn normalize_planes(
         .for_each(|(out, plane)| {
             let (mean, invstd) = plane_stats(plane);
             let beta = -(mean * invstd);
-            for (o, &x) in out.iter_mut().zip(plane) {
-                // The product of two f32 is exact in f64, so this rounds like a fused
-                // multiply-add except in vanishingly rare double-rounding cases.
-                let y = (x as f64 * invstd as f64 + beta as f64) as f32;
-                *o = if relu { y.max(0.0) } else { y };
-            }
+            crate::simd::wide(|| {
+                for (o, &x) in out.iter_mut().zip(plane) {
+                    // The product of two f32 is exact in f64, so this rounds like a fused
+                    // multiply-add except in vanishingly rare double-rounding cases.
+                    let y = (x as f64 * invstd as f64 + beta as f64) as f32;
+                    *o = if relu { y.max(0.0) } else { y };
+                }
+            });
         });
     Ok((CpuStorage::F32(dst), Shape::from((n, c, h, w))))
 }
@@ -245,18 +249,34 @@ fn normalize_planes(
 /// statistics kernel does for f32 inputs.
 fn plane_stats(plane: &[f32]) -> (f32, f32) {
     let n = plane.len();
-    let sum: f64 = plane.iter().map(|&v| v as f64).sum();
+    let sum = sum_f64(plane, |v| v as f64);
     let mean = (sum / n as f64) as f32;
-    let var_sum: f64 = plane
-        .iter()
-        .map(|&v| {
-            let d = v - mean;
-            (d * d) as f64
-        })
-        .sum();
+    let var_sum = sum_f64(plane, |v| {
+        let d = v - mean;
+        (d * d) as f64
+    });
     let var = (var_sum as f32) / n as f32;
     let invstd = (1.0 / (var as f64 + INSTANCE_NORM_EPS).sqrt()) as f32;
     (mean, invstd)
+}
+
+/// The sum of `term(v)` over `values` in f64, in LANES interleaved partial sums (which the
+/// compiler can keep in vector registers; one running sum is a chain of dependent additions,
+/// 4 cycles each). The f64 sum of f32 terms is far more precise than its f32 rounding, so the
+/// order of the additions practically never shows in the result.
+fn sum_f64(values: &[f32], term: impl Fn(f32) -> f64 + Copy) -> f64 {
+    const LANES: usize = 16;
+    crate::simd::wide(|| {
+        let mut lanes = [0f64; LANES];
+        let chunks = values.chunks_exact(LANES);
+        let tail: f64 = chunks.remainder().iter().map(|&v| term(v)).sum();
+        for chunk in chunks {
+            for (acc, &v) in lanes.iter_mut().zip(chunk) {
+                *acc += term(v);
+            }
+        }
+        lanes.iter().sum::<f64>() + tail
+    })
 }
 
 /// The CPU instance-normalisation operator (forward).

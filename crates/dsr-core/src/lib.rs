@@ -55,6 +55,7 @@ mod pickle_guard;
 pub mod quantizer;
 pub mod reconstruction;
 pub mod runtime;
+mod simd;
 pub mod subspace;
 pub mod unet;
 pub mod upsampling;

@@ -86,23 +86,6 @@ fn filter_transform(g: &[f64; 9]) -> [f64; BLOCK] {
     u
 }
 
-/// Runs `body` compiled for AVX-512 when the CPU has it (the transforms are element-wise
-/// loops over channel vectors, which the compiler vectorizes for the features it may use; the
-/// crate itself is built for the baseline x86-64), otherwise as built.
-fn dispatch(body: impl FnOnce()) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        #[target_feature(enable = "avx512f")]
-        fn avx512(body: impl FnOnce()) {
-            body()
-        }
-        // SAFETY: the CPU supports AVX-512F, checked just above.
-        unsafe { avx512(body) };
-        return;
-    }
-    body()
-}
-
 /// `k` consecutive slices of `len` values from the start of `s`.
 #[inline(always)]
 fn split<const K: usize>(s: &mut [f32], len: usize) -> [&mut [f32]; K] {
@@ -144,7 +127,7 @@ fn a_transpose(x: [&[f32]; 4], y0: &mut [f32], y1: &mut [f32]) {
 /// each tile, element `i·4 + j` for row `i`, column `j`.
 fn transform_tile_row(padded: &[f32], c: usize, wp: usize, ty: usize, dst: &mut [f32]) {
     let mut rows = vec![0f32; BLOCK * c];
-    dispatch(|| {
+    crate::simd::wide(|| {
         for (tx, out) in dst.chunks_exact_mut(BLOCK * c).enumerate() {
             // Bᵀ d: combine the block's four input rows, column by column (four neighbouring
             // pixels of a row are 4·c contiguous values).
@@ -174,7 +157,7 @@ fn transform_tile_row(padded: &[f32], c: usize, wp: usize, ty: usize, dst: &mut 
 fn untransform_tile_row(m: &[f32], tiles: usize, co: usize, t0: usize, dst: &mut [f32]) {
     let ow = dst.len() / (2 * co);
     let mut rows = vec![0f32; 8 * co];
-    dispatch(|| {
+    crate::simd::wide(|| {
         for tx in 0..ow / 2 {
             let t = t0 + tx;
             let element = |e: usize| &m[(e * tiles + t) * co..(e * tiles + t + 1) * co];
