@@ -4,7 +4,9 @@
 use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
+use crate::conv::with_f32_data;
 use crate::{Error, Result};
+use rayon::prelude::*;
 
 /// Rows of the flattened input processed at once when searching the nearest code, so that the
 /// distance matrix stays small (4096 rows × 4096 codes = 64 MiB).
@@ -114,7 +116,6 @@ impl VectorQuantizer {
     /// without gradient, in row chunks so that memory stays bounded.
     pub fn indices(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, d, h, w) = xs.dims4()?;
-        let k = self.embedding.dim(0)?;
         if d != self.embedding.dim(1)? {
             return Err(Error::Input(format!(
                 "vector quantizer expects {} channels, got {d}",
@@ -130,9 +131,7 @@ impl VectorQuantizer {
         while start < n {
             let len = DISTANCE_CHUNK_ROWS.min(n - start);
             let rows = flat.narrow(0, start, len)?;
-            let dist = squared_distances(&rows, &codebook, &code_norms)?;
-            debug_assert_eq!(dist.dim(1)?, k);
-            chunks.push(dist.argmin(1)?);
+            chunks.push(nearest_codes(&rows, &codebook, &code_norms)?);
             start += len;
         }
         Ok(Tensor::cat(&chunks, 0)?.reshape((b, h, w))?)
@@ -268,6 +267,51 @@ pub(crate) fn flatten_positions(xs: &Tensor) -> candle_core::Result<Tensor> {
         .reshape((b * h * w, d))
 }
 
+/// For every row of `flat` (`N×D`), the index (`u32`) of the code with the smallest
+/// [`squared_distances`], the first on ties. On the CPU the distances are formed row by row from
+/// the products `f·eᵀ`, with the same f32 operations as [`squared_distances`] (so the same
+/// values), and never stored: four passes over an `N×K` matrix become one.
+fn nearest_codes(
+    flat: &Tensor,
+    codebook: &Tensor,
+    code_norms: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(f32_cpu(flat) && f32_cpu(codebook) && f32_cpu(code_norms)) {
+        return squared_distances(flat, codebook, code_norms)?.argmin(1);
+    }
+    let k = codebook.dim(0)?;
+    if k == 0 {
+        candle_core::bail!("vector quantizer: the codebook is empty");
+    }
+    let row_norms = flat.sqr()?.sum_keepdim(D::Minus1)?;
+    let dots = flat.matmul(&codebook.t()?)?;
+    let indices = with_f32_data(&row_norms, |rows| {
+        with_f32_data(code_norms, |codes| {
+            with_f32_data(&dots, |dots| {
+                Ok(dots
+                    .par_chunks_exact(k)
+                    .zip(rows.par_iter())
+                    .map(|(products, &row)| {
+                        // (‖f‖² + ‖e‖²) − (2·f·e + 0), as broadcast_add, affine and sub do.
+                        let distance = |j: usize| (row + codes[j]) - (products[j] * 2.0 + 0.0);
+                        let mut best = (distance(0), 0);
+                        for j in 1..k {
+                            let d = distance(j);
+                            if d < best.0 {
+                                best = (d, j);
+                            }
+                        }
+                        best.1 as u32
+                    })
+                    .collect::<Vec<u32>>())
+            })
+        })
+    })?;
+    let n = indices.len();
+    Tensor::from_vec(indices, n, flat.device())
+}
+
 /// `(‖f‖² + ‖e‖²) − 2 f·eᵀ` for rows `flat` (`N×D`), `codebook` (`K×D`), `code_norms` (`1×K`).
 fn squared_distances(
     flat: &Tensor,
@@ -277,4 +321,45 @@ fn squared_distances(
     let row_norms = flat.sqr()?.sum_keepdim(D::Minus1)?;
     let dots = flat.matmul(&codebook.t()?)?;
     row_norms.broadcast_add(code_norms)? - (dots * 2.0)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn nearest_codes_match_the_distance_matrix_and_break_ties_low() {
+        let values = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n as u32)
+                .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+                .collect()
+        };
+        let (n, k, d) = (300, 37, 5);
+        let flat = Tensor::from_vec(values(n * d, 7), (n, d), &Device::Cpu).unwrap();
+        // Codes 3 and 9 are the same vector: rows nearest to it must get 3.
+        let mut codes = values(k * d, 11);
+        let copy: Vec<f32> = codes[3 * d..4 * d].to_vec();
+        codes[9 * d..10 * d].copy_from_slice(&copy);
+        let codebook = Tensor::from_vec(codes, (k, d), &Device::Cpu).unwrap();
+        let code_norms = codebook
+            .sqr()
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let expected: Vec<u32> = squared_distances(&flat, &codebook, &code_norms)
+            .unwrap()
+            .argmin(1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let got: Vec<u32> = nearest_codes(&flat, &codebook, &code_norms)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(got, expected);
+        assert!(got.contains(&3) && !got.contains(&9));
+    }
 }

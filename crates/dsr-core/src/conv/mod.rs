@@ -288,7 +288,7 @@ pub(crate) fn plain_tensor(
 }
 
 /// Runs `f` on the contiguous f32 values of a CPU tensor (made contiguous first if needed).
-fn with_f32_data<R>(
+pub(crate) fn with_f32_data<R>(
     t: &Tensor,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
