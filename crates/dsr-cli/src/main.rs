@@ -239,7 +239,7 @@ enum Command {
         seed: u64,
     },
     /// The built-in demo: trains a small DSR on the battery_weld images shipped in
-    /// assets/demo (phases 1-3, about 10 minutes on 2 cores), tests it and writes the report.
+    /// assets/demo (phases 1-3, about 6 minutes on 2 cores), tests it and writes the report.
     #[command(after_help = EXIT_CODES)]
     Demo {
         /// Another data set folder (MVTec layout) instead of the shipped one.
