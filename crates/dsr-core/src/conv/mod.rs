@@ -16,7 +16,10 @@
 //!
 //! The forward product of a convolution is computed the other way round, from a channels-last
 //! patch matrix (`channels_last`), where gemm runs up to 2.7× faster on the full-resolution
-//! layers; it gives the same bits as `W · im2col(x)`.
+//! layers; it gives the same bits as `W · im2col(x)`. Without a graph (inference), 3×3
+//! convolutions with stride 1, padding 1 and at least 32 input channels use Winograd's
+//! F(2×2, 3×3) (`winograd`: 2.25× fewer multiplications, a rounding of its own that stays within
+//! the reference tolerances).
 //!
 //! Only f32 tensors on the CPU take this path; every other device or dtype uses candle's own
 //! operator, so results are the same everywhere up to rounding.
@@ -355,8 +358,9 @@ fn in_groups(
 /// `[co, ci, kh, kw]`, equal `stride` and zero `padding` on both axes, no dilation or groups, and
 /// an optional `bias` `[co]`. Returns `[n, co, oh, ow]`.
 ///
-/// f32 tensors on the CPU use im2col + one matrix product per image (gradients included);
-/// anything else uses candle's `conv2d`.
+/// f32 tensors on the CPU use im2col + one matrix product per image (gradients included), and
+/// without a graph (inference) Winograd's algorithm for 3×3 convolutions that suit it (see
+/// [`crate::runtime::set_winograd`]); anything else uses candle's `conv2d`.
 pub fn conv2d(
     xs: &Tensor,
     weight: &Tensor,
@@ -364,17 +368,7 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Tensor> {
-    let winograd = crate::runtime::winograd();
-    conv2d_limited(
-        xs,
-        weight,
-        bias,
-        stride,
-        padding,
-        COLS_BYTES_LIMIT,
-        winograd,
-        None,
-    )
+    conv2d_limited(xs, weight, bias, stride, padding, Plan::current())
 }
 
 /// Copies of a convolution layer's weight in the layouts the kernels take, made at the first
@@ -416,18 +410,11 @@ pub fn conv2d_cached(
     padding: usize,
     cache: &WeightCache,
 ) -> candle_core::Result<Tensor> {
-    let winograd = crate::runtime::winograd();
-    let limit = COLS_BYTES_LIMIT;
-    conv2d_limited(
-        xs,
-        weight,
-        bias,
-        stride,
-        padding,
-        limit,
-        winograd,
-        Some(cache),
-    )
+    let plan = Plan {
+        cache: Some(cache),
+        ..Plan::current()
+    };
+    conv2d_limited(xs, weight, bias, stride, padding, plan)
 }
 
 /// [`conv2d`] without Winograd's algorithm, whatever [`crate::runtime::set_winograd`] says: the
@@ -439,32 +426,49 @@ pub(crate) fn conv2d_direct(
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Tensor> {
-    conv2d_limited(
-        xs,
-        weight,
-        bias,
-        stride,
-        padding,
-        COLS_BYTES_LIMIT,
-        false,
-        None,
-    )
+    let plan = Plan {
+        winograd: false,
+        ..Plan::current()
+    };
+    conv2d_limited(xs, weight, bias, stride, padding, plan)
 }
 
-/// [`conv2d`] with an explicit bound on the bytes of patch matrices built at once; untracked
-/// 3×3 convolutions that suit it run by Winograd's algorithm when `winograd`, with the filters
-/// of `cache` when given.
-#[allow(clippy::too_many_arguments)]
+/// How [`conv2d_limited`] may compute a convolution.
+#[derive(Debug, Clone, Copy)]
+struct Plan<'a> {
+    /// The largest size (in bytes) of the patch matrices built at once.
+    limit: usize,
+    /// Untracked 3×3 convolutions that suit it run by Winograd's algorithm.
+    winograd: bool,
+    /// Where the layer keeps its weight's transformed copies, if it does.
+    cache: Option<&'a WeightCache>,
+}
+
+impl Plan<'_> {
+    /// The defaults and the process-wide settings of [`crate::runtime`].
+    fn current() -> Self {
+        Self {
+            limit: COLS_BYTES_LIMIT,
+            winograd: crate::runtime::winograd(),
+            cache: None,
+        }
+    }
+}
+
+/// [`conv2d`] as `plan` says.
 fn conv2d_limited(
     xs: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     stride: usize,
     padding: usize,
-    limit: usize,
-    winograd: bool,
-    cache: Option<&WeightCache>,
+    plan: Plan,
 ) -> candle_core::Result<Tensor> {
+    let Plan {
+        limit,
+        winograd,
+        cache,
+    } = plan;
     if !fast_path(xs, weight) {
         let ys = xs.conv2d(weight, padding, stride, 1, 1)?;
         return add_bias(ys, bias);
@@ -1056,16 +1060,25 @@ mod tests {
         }
     }
 
+    /// A direct convolution's plan with patch matrices of at most `limit` bytes.
+    fn direct(limit: usize) -> Plan<'static> {
+        Plan {
+            limit,
+            winograd: false,
+            cache: None,
+        }
+    }
+
     #[test]
     fn image_groups_give_the_same_convolution() {
         grouping_is_invisible(
-            |x, w, b, limit| conv2d_limited(x, w, Some(b), 1, 1, limit, false, None),
+            |x, w, b, limit| conv2d_limited(x, w, Some(b), 1, 1, direct(limit)),
             &[3, 2, 6, 5],
             &[4, 2, 3, 3],
             4,
         );
         grouping_is_invisible(
-            |x, w, b, limit| conv2d_limited(x, w, Some(b), 2, 1, limit, false, None),
+            |x, w, b, limit| conv2d_limited(x, w, Some(b), 2, 1, direct(limit)),
             &[3, 2, 7, 6],
             &[4, 2, 4, 4],
             4,
