@@ -1,6 +1,6 @@
 //! The fast CPU convolutions against candle's own operators at DSR's shapes: forward alone and
-//! forward + backward (input, weight and bias gradients), and the inference forward (no graph)
-//! with Winograd's 3×3 convolutions on and off.
+//! forward + backward (input, weight and bias gradients); and the inference forward (no graph) of
+//! 3×3 layers with Winograd's algorithm on and off.
 //!
 //! `cargo bench -p dsr-core --bench conv -- --warm-up-time 1 --measurement-time 3`
 
@@ -136,22 +136,6 @@ fn bench_layers(c: &mut Criterion) {
     for layer in &layers {
         let mut group = c.benchmark_group(layer.name);
         group.sample_size(10);
-        if !layer.transposed {
-            // Inference: plain tensors (no graph), 3×3 layers by Winograd's algorithm or
-            // directly.
-            let (x, w, b) = (
-                layer.x.as_detached_tensor(),
-                layer.w.as_detached_tensor(),
-                layer.b.as_detached_tensor(),
-            );
-            for (label, winograd) in [("winograd", true), ("direct", false)] {
-                dsr_core::runtime::set_winograd(winograd);
-                group.bench_function(format!("inference {label}"), |bench| {
-                    bench.iter(|| conv2d(&x, &w, Some(&b), layer.stride, layer.padding).unwrap())
-                });
-            }
-            dsr_core::runtime::set_winograd(true);
-        }
         for (label, imp) in [("fast", Imp::Fast), ("candle", Imp::Candle)] {
             group.bench_function(format!("{label} fwd"), |bench| {
                 bench.iter(|| layer.forward(imp))
@@ -164,5 +148,34 @@ fn bench_layers(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_layers);
+/// The inference forward (plain tensors, no graph) of 3×3 layers, batch 1, by Winograd's
+/// algorithm and directly: the shapes of the U-Nets' levels, and the narrow layers below the
+/// Winograd threshold (32 input channels) where it is not used.
+fn bench_winograd(c: &mut Criterion) {
+    let mut group = c.benchmark_group("inference 3x3");
+    group.sample_size(10);
+    for (ci, co, side) in [
+        (64, 64, 256),
+        (128, 64, 256),
+        (128, 128, 128),
+        (256, 256, 64),
+        (512, 512, 32),
+        (32, 64, 256),
+        (16, 64, 256),
+    ] {
+        let x = random(&[1, ci, side, side], 1, 1.0);
+        let w = random(&[co, ci, 3, 3], 2, 0.1);
+        let b = random(&[co], 3, 0.1);
+        for (label, winograd) in [("winograd", true), ("direct", false)] {
+            dsr_core::runtime::set_winograd(winograd);
+            group.bench_function(format!("{ci}->{co} {side}x{side} {label}"), |bench| {
+                bench.iter(|| dsr_core::conv::conv2d(&x, &w, Some(&b), 1, 1).unwrap())
+            });
+        }
+    }
+    dsr_core::runtime::set_winograd(true);
+    group.finish();
+}
+
+criterion_group!(benches, bench_layers, bench_winograd);
 criterion_main!(benches);

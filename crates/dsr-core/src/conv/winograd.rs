@@ -34,8 +34,8 @@ const BLOCK: usize = 16;
 const BAND_BYTES: usize = 8 << 20;
 
 /// Input channels below which the direct convolution is faster: the transforms cost per input
-/// and output value, the products' saving grows with the channels (two cores, 256×256, 64
-/// outputs: 8 → 64 channels 9.1 ms direct against 12.9 ms, 16 → 64 13.6 against 15.8, 32 → 64
+/// and output value, the products' saving grows with the channels (measured once, two cores,
+/// 256×256, 64 outputs: 8 → 64 channels 9.1 ms direct against 12.9 ms, 16 → 64 13.6 against 15.8, 32 → 64
 /// 22.7 against 19.2; 64 → 64 42.5 against 31.8; 256 → 256 at 64×64 30.0 against 16.0).
 pub(super) const MIN_CHANNELS: usize = 32;
 
