@@ -469,9 +469,10 @@ struct RecomputedConvNormRelu {
 
 impl RecomputedConvNormRelu {
     /// The convolution of plain tensors (no graph), computed as the tracked convolution does
-    /// (never by Winograd), so that outputs and gradients are the same bits either way.
+    /// (by Winograd's algorithm under the same conditions), so that outputs and gradients are
+    /// the same bits either way.
     fn conv(&self, xs: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-        crate::conv::conv2d_direct(xs, weight, Some(bias), self.stride, self.padding)
+        crate::conv::conv2d(xs, weight, Some(bias), self.stride, self.padding)
     }
 }
 

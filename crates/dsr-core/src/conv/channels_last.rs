@@ -487,10 +487,22 @@ pub(super) fn conv2d_backward(
     co: usize,
     gy: &[f32],
 ) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
-    conv2d_backward_banded(g, xs, wmat, co, gy, BAND_BYTES)
+    conv2d_backward_banded(g, xs, wmat, co, gy, BAND_BYTES, true)
 }
 
-/// [`conv2d_backward`] with bands of about `band_bytes` of patch matrix.
+/// The weight-matrix gradient of [`conv2d_backward`] alone.
+pub(super) fn conv2d_weight_gradient(
+    g: &Geometry,
+    xs: &[f32],
+    wmat: &[f32],
+    co: usize,
+    gy: &[f32],
+) -> candle_core::Result<Vec<f32>> {
+    Ok(conv2d_backward_banded(g, xs, wmat, co, gy, BAND_BYTES, false)?.1)
+}
+
+/// [`conv2d_backward`] with bands of about `band_bytes` of patch matrix; the input gradient is
+/// left empty unless `input_gradient`.
 pub(super) fn conv2d_backward_banded(
     g: &Geometry,
     xs: &[f32],
@@ -498,6 +510,7 @@ pub(super) fn conv2d_backward_banded(
     co: usize,
     gy: &[f32],
     band_bytes: usize,
+    input_gradient: bool,
 ) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
     if !g.tap_major {
         candle_core::bail!("channels-last convolution: the weight columns must be tap-major");
@@ -526,20 +539,22 @@ pub(super) fn conv2d_backward_banded(
     let (hp, wp) = (h + 2 * p, w + 2 * p);
     let band_rows = band_rows(g, band_bytes);
     let padded_len = hp * wp * c;
-    let mut grad_x = vec![0f32; n * image_len];
+    let mut grad_x = vec![0f32; if input_gradient { n * image_len } else { 0 }];
     let mut grad_w = vec![0f32; co * k];
     with_scratch(2 * padded_len + band_rows * g.ow * k, |scratch| {
         let (padded, rest) = scratch.split_at_mut(padded_len);
         let (grad_padded, cols) = rest.split_at_mut(padded_len);
         let parallelism = gemm_parallelism();
         let mut first_product = true;
-        for ((image, gy_image), gx_image) in xs
+        let mut gx_images = grad_x.chunks_exact_mut(image_len);
+        for (image, gy_image) in xs
             .chunks_exact(image_len)
             .zip(gy.chunks_exact(co * out_plane))
-            .zip(grad_x.chunks_exact_mut(image_len))
         {
             to_padded_channels_last(g, image, padded);
-            grad_padded.fill(0.0);
+            if input_gradient {
+                grad_padded.fill(0.0);
+            }
             for oy0 in (0..g.oh).step_by(band_rows) {
                 let rows = band_rows.min(g.oh - oy0);
                 let m = rows * g.ow;
@@ -556,13 +571,17 @@ pub(super) fn conv2d_backward_banded(
                     !first_product,
                     parallelism,
                 );
-                // ∂P [m, k] = Gᵀ [m, co] · W [co, k], written over the patch matrix.
-                let g_t = View::strided(band_gy, m, co, 1, out_plane);
-                matmul(cols, g_t, View::rows(wmat, co, k), false, parallelism);
                 first_product = false;
-                add_patches(g, cols, oy0, grad_padded);
+                if input_gradient {
+                    // ∂P [m, k] = Gᵀ [m, co] · W [co, k], written over the patch matrix.
+                    let g_t = View::strided(band_gy, m, co, 1, out_plane);
+                    matmul(cols, g_t, View::rows(wmat, co, k), false, parallelism);
+                    add_patches(g, cols, oy0, grad_padded);
+                }
             }
-            from_padded_channels_last(g, grad_padded, gx_image);
+            if let Some(gx_image) = gx_images.next() {
+                from_padded_channels_last(g, grad_padded, gx_image);
+            }
         }
     });
     Ok((grad_x, grad_w))

@@ -417,22 +417,6 @@ pub fn conv2d_cached(
     conv2d_limited(xs, weight, bias, stride, padding, plan)
 }
 
-/// [`conv2d`] without Winograd's algorithm, whatever [`crate::runtime::set_winograd`] says: the
-/// same bits as the tracked convolution's forward.
-pub(crate) fn conv2d_direct(
-    xs: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    stride: usize,
-    padding: usize,
-) -> candle_core::Result<Tensor> {
-    let plan = Plan {
-        winograd: false,
-        ..Plan::current()
-    };
-    conv2d_limited(xs, weight, bias, stride, padding, plan)
-}
-
 /// How [`conv2d_limited`] may compute a convolution.
 #[derive(Debug, Clone, Copy)]
 struct Plan<'a> {
@@ -514,7 +498,8 @@ fn conv2d_limited(
     // patch matrix (9× the input for a 3×3 kernel; at 256×256 that made a phase-2 step need more
     // than 23 GB).
     if xs.track_op() || wmat.track_op() {
-        return tracked(&xs, &wmat, bias, ConvOp::new(Kind::Conv, g, limit));
+        let op = ConvOp::new(Kind::Conv, g, limit, winograd);
+        return tracked(&xs, &wmat, bias, op);
     }
     // Nothing to differentiate (inference): straight from the tensors' storage, bias included.
     let shape = (xs.dim(0)?, co, g.oh, g.ow);
@@ -569,7 +554,7 @@ pub(crate) fn conv2d_backward(
     let (co, _, kh, kw) = weight.dims4()?;
     let g = Geometry::new(true, ci, (h, w), (kh, kw), stride, padding)?;
     let wmat = tap_major_matrix(&weight.detach())?;
-    let op = ConvOp::new(Kind::Conv, g, COLS_BYTES_LIMIT);
+    let op = ConvOp::new(Kind::Conv, g, COLS_BYTES_LIMIT, crate::runtime::winograd());
     let (gx, gw) = op.bwd(xs, &wmat, grad, grad)?;
     let (Some(gx), Some(gw)) = (gx, gw) else {
         candle_core::bail!("conv2d_backward: the convolution gave no gradient");
@@ -726,11 +711,28 @@ struct ConvOp {
     kind: Kind,
     g: Geometry,
     limit: usize,
+    /// Whether 3×3 convolutions that suit it compute their forward and their input gradient by
+    /// Winograd's algorithm (the weight gradient is always a direct product).
+    winograd: bool,
 }
 
 impl ConvOp {
-    fn new(kind: Kind, g: Geometry, limit: usize) -> Self {
-        Self { kind, g, limit }
+    fn new(kind: Kind, g: Geometry, limit: usize, winograd: bool) -> Self {
+        Self {
+            kind,
+            g,
+            limit,
+            winograd,
+        }
+    }
+
+    /// Whether a convolution with `channels` input channels runs by Winograd's algorithm here
+    /// (the forward: the layer's input channels; the input gradient: its output channels).
+    fn by_winograd(&self, g: &Geometry, channels: usize) -> bool {
+        self.winograd
+            && self.kind == Kind::Conv
+            && winograd::applies(g)
+            && channels >= winograd::MIN_CHANNELS
     }
 
     /// The forward product of the operands' storages plus the per-channel `bias` if any, as a
@@ -746,6 +748,12 @@ impl ConvOp {
         let (x, w) = (f32_data(s1, l1, "conv")?, f32_data(s2, l2, "conv")?);
         let (n, _, _, _) = l1.shape().dims4()?;
         let g = &self.g;
+        if self.by_winograd(g, g.channels) {
+            let (co, _) = l2.shape().dims2()?;
+            let u = winograd::transformed_tap_major(w, g.channels, co);
+            let ys = winograd::conv2d_forward(g, x, &u, co, bias)?;
+            return Ok((ys, Shape::from((n, co, g.oh, g.ow))));
+        }
         if self.channels_last(l2.shape().dims2()?) {
             return match self.kind {
                 Kind::Conv => {
@@ -877,6 +885,33 @@ impl CustomOp2 for ConvOp {
             grad.detach().contiguous()?,
         );
         let g = self.g;
+        let (co, _) = wmat.dims2()?;
+        // The input gradient of a 3×3 convolution with stride 1 and padding 1 is the same kind
+        // of convolution of the output gradient, with the weight's channels swapped and its taps
+        // turned by 180°.
+        let gradient_geometry = match self.kind == Kind::Conv && winograd::applies(&g) {
+            true => Some(Geometry::new(true, co, (g.oh, g.ow), (3, 3), 1, 1)?),
+            false => None,
+        };
+        if let Some(gradient_geometry) = gradient_geometry.filter(|gg| {
+            self.channels_last(wmat.dims2().unwrap_or((0, 0))) && self.by_winograd(gg, co)
+        }) {
+            let (ci, k) = (g.channels, g.rows());
+            let (gx, gw) = with_f32_data(&xs, |x| {
+                with_f32_data(&wmat, |w| {
+                    with_f32_data(&grad, |gy| {
+                        let gw = channels_last::conv2d_weight_gradient(&g, x, w, co, gy)?;
+                        let u = winograd::transformed_input_gradient(w, ci, co);
+                        let gx = winograd::conv2d_forward(&gradient_geometry, gy, &u, ci, None)?;
+                        Ok((gx, gw))
+                    })
+                })
+            })?;
+            return Ok((
+                Some(Tensor::from_vec(gx, xs.shape(), &Device::Cpu)?),
+                Some(Tensor::from_vec(gw, (co, k), &Device::Cpu)?),
+            ));
+        }
         if self.kind == Kind::Conv && self.channels_last(wmat.dims2()?) {
             let (co, k) = wmat.dims2()?;
             let (gx, gw) = with_f32_data(&xs, |x| {
@@ -993,7 +1028,8 @@ fn conv_transpose2d_limited(
     // As in `conv2d`: one autograd node, so that the `[rows, h·w]` products do not stay alive
     // until the backward.
     if xs.track_op() || wmat.track_op() {
-        return tracked(&xs, &wmat, bias, ConvOp::new(Kind::Transposed, g, limit));
+        let op = ConvOp::new(Kind::Transposed, g, limit, false);
+        return tracked(&xs, &wmat, bias, op);
     }
     if !prefers_channels_last(oh * ow, co) {
         return add_bias_fresh(nchw_product(Kind::Transposed, g, limit, &xs, &wmat)?, bias);
@@ -1172,8 +1208,22 @@ mod tests {
                     co,
                     &values(&gy),
                     band_bytes,
+                    true,
                 )
                 .unwrap();
+                // The weight gradient alone is the same bits.
+                let (none, gw_alone) = channels_last::conv2d_backward_banded(
+                    &g,
+                    &values(&x),
+                    &values(&wmat),
+                    co,
+                    &values(&gy),
+                    band_bytes,
+                    false,
+                )
+                .unwrap();
+                assert!(none.is_empty());
+                assert_eq!(gw_alone, gw);
                 for (what, ours, reference) in [("input", gx, &gx_ref), ("weight", gw, &gw_ref)] {
                     let reference = values(reference);
                     assert_eq!(ours.len(), reference.len());

@@ -53,9 +53,33 @@ pub(super) fn applies(g: &Geometry) -> bool {
 /// The transformed filters `U = G g Gᵀ` of a weight in PyTorch's layout (`[co, c, 3, 3]`),
 /// laid out `[c, 16, co]` as [`conv2d_forward`] takes them; computed in f64 and rounded once.
 pub(super) fn transformed_filters(weight: &[f32], c: usize, co: usize) -> Vec<f32> {
-    // Blocks of CHUNK channels: the CHUNK filters of one output are 9·CHUNK contiguous values,
-    // and the writes of one output (16 per filter, `co` apart) stay within a few hundred cache
-    // lines that the next outputs write next to.
+    transformed_filters_with(c, co, |o, ch, tap| weight[(o * c + ch) * 9 + tap])
+}
+
+/// [`transformed_filters`] of the tap-major weight matrix `wmat` (`[co, 9·c]`, column
+/// `tap·c + channel`).
+pub(super) fn transformed_tap_major(wmat: &[f32], c: usize, co: usize) -> Vec<f32> {
+    transformed_filters_with(c, co, |o, ch, tap| wmat[o * 9 * c + tap * c + ch])
+}
+
+/// The transformed filters of the convolution that gives the input gradient of the convolution
+/// with the tap-major weight matrix `wmat` (`[co, 9·c]`): the weight with its input and output
+/// channels swapped and its taps turned by 180° (`co` → `c` channels).
+pub(super) fn transformed_input_gradient(wmat: &[f32], c: usize, co: usize) -> Vec<f32> {
+    transformed_filters_with(co, c, |o, ch, tap| wmat[ch * 9 * c + (8 - tap) * c + o])
+}
+
+/// The transformed filters of the `[co, c, 3, 3]` weight whose tap `tap` (= ky·3 + kx) from
+/// input channel `ch` to output `o` is `tap_value(o, ch, tap)`, laid out `[c, 16, co]`.
+fn transformed_filters_with(
+    c: usize,
+    co: usize,
+    tap_value: impl Fn(usize, usize, usize) -> f32 + Sync,
+) -> Vec<f32> {
+    // Blocks of CHUNK channels: the filters of one output read next to each other (in
+    // PyTorch's layout, 9·CHUNK contiguous values), and the writes of one output (16 per
+    // filter, `co` apart) stay within a few hundred cache lines that the next outputs write
+    // next to.
     const CHUNK: usize = 16;
     let mut u = vec![0f32; c * BLOCK * co];
     u.par_chunks_mut(CHUNK * BLOCK * co)
@@ -64,8 +88,7 @@ pub(super) fn transformed_filters(weight: &[f32], c: usize, co: usize) -> Vec<f3
             let channels = chunk * CHUNK..(chunk * CHUNK + CHUNK).min(c);
             for o in 0..co {
                 for ch in channels.clone() {
-                    let at = (o * c + ch) * 9;
-                    let g: [f64; 9] = std::array::from_fn(|tap| f64::from(weight[at + tap]));
+                    let g: [f64; 9] = std::array::from_fn(|tap| f64::from(tap_value(o, ch, tap)));
                     let dst = (ch - chunk * CHUNK) * BLOCK * co + o;
                     for (e, v) in filter_transform(&g).into_iter().enumerate() {
                         block[dst + e * co] = v as f32;
