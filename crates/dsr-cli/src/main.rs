@@ -32,10 +32,10 @@ const EXIT_CODES: &str = "Exit codes:
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Compute inference's 3×3 convolutions directly instead of by Winograd's algorithm: each
-    /// output then is the dot product PyTorch's CPU convolution computes, summed in the same
-    /// order (about 1.3× slower inference; see docs/performance.md). Training's differentiated
-    /// convolutions are always direct.
+    /// Compute the 3×3 convolutions directly instead of by Winograd's algorithm (inference, and
+    /// the forward and input gradient in training): each output then is the dot product
+    /// PyTorch's CPU convolution computes, summed in the same order (about 1.3× slower
+    /// inference; see docs/performance.md).
     #[arg(long, global = true)]
     direct_conv: bool,
 }

@@ -24,12 +24,12 @@ pub fn activation_recompute() -> bool {
 /// See [`set_winograd`].
 static WINOGRAD: AtomicBool = AtomicBool::new(true);
 
-/// Chooses how inference computes 3×3 convolutions with stride 1 and padding 1 on even-sized
-/// CPU f32 inputs: by Winograd's F(2×2, 3×3) (on, the default: 2.25× fewer multiplications, a
-/// different rounding that stays within the reference tolerances) or directly (off: each output
-/// the same dot product, summed in the same order, as PyTorch's CPU convolution). Convolutions
-/// that are differentiated (training) always run directly. Applies to convolutions started after
-/// the call.
+/// Chooses how 3×3 convolutions with stride 1, padding 1 and at least 32 input channels are
+/// computed on even-sized CPU f32 inputs: by Winograd's F(2×2, 3×3) (on, the default: 2.25×
+/// fewer multiplications, a different rounding that stays within the reference tolerances) or
+/// directly (off: each output the same dot product, summed in the same order, as PyTorch's CPU
+/// convolution). In training it covers the forward and the input gradient of such layers; weight
+/// gradients are always direct products. Applies to convolutions started after the call.
 pub fn set_winograd(on: bool) {
     WINOGRAD.store(on, Ordering::Relaxed);
 }

@@ -16,10 +16,10 @@
 //!
 //! The forward product of a convolution is computed the other way round, from a channels-last
 //! patch matrix (`channels_last`), where gemm runs up to 2.7× faster on the full-resolution
-//! layers; it gives the same bits as `W · im2col(x)`. Without a graph (inference), 3×3
-//! convolutions with stride 1, padding 1 and at least 32 input channels use Winograd's
-//! F(2×2, 3×3) (`winograd`: 2.25× fewer multiplications, a rounding of its own that stays within
-//! the reference tolerances).
+//! layers; it gives the same bits as `W · im2col(x)`. 3×3 convolutions with stride 1, padding 1
+//! and at least 32 input channels use Winograd's F(2×2, 3×3) instead (`winograd`: 2.25× fewer
+//! multiplications, a rounding of its own that stays within the reference tolerances), for the
+//! forward and, in training, for the input gradient of channels-last layers.
 //!
 //! Only f32 tensors on the CPU take this path; every other device or dtype uses candle's own
 //! operator, so results are the same everywhere up to rounding.
@@ -359,7 +359,7 @@ fn in_groups(
 /// an optional `bias` `[co]`. Returns `[n, co, oh, ow]`.
 ///
 /// f32 tensors on the CPU use im2col + one matrix product per image (gradients included), and
-/// without a graph (inference) Winograd's algorithm for 3×3 convolutions that suit it (see
+/// Winograd's algorithm for 3×3 convolutions that suit it (see
 /// [`crate::runtime::set_winograd`]); anything else uses candle's `conv2d`.
 pub fn conv2d(
     xs: &Tensor,

@@ -1,5 +1,5 @@
-//! 3×3 convolutions (stride 1, padding 1) by Winograd's minimal filtering F(2×2, 3×3), for
-//! inference.
+//! 3×3 convolutions (stride 1, padding 1) by Winograd's minimal filtering F(2×2, 3×3): the
+//! forward, and in training also the input gradient (itself such a convolution).
 //!
 //! Each 2×2 block of output pixels is computed from the 4×4 block of input pixels around it:
 //! the input block `d` and the 3×3 filter `g` are transformed into 4×4 blocks `V = Bᵀ d B` and
@@ -18,8 +18,7 @@
 //! layer, the fixture's 6- and 8-channel first layers included, the anomaly-detection softmax
 //! missed its 1e-5 by 1.20e-5). F(4×4, 3×3) (4× less work) rounds about 2.5× worse (the
 //! fixture's detection U-Net in PyTorch float32: 1.10e-5 against 4.5e-6), which is why the
-//! smaller tile is used. Training keeps the direct convolution for what it differentiates,
-//! whose gradients are checked against the reference.
+//! smaller tile is used. Weight gradients stay direct products (`channels_last`).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
