@@ -886,6 +886,7 @@ impl CustomOp2 for ConvOp {
         );
         let g = self.g;
         let (co, _) = wmat.dims2()?;
+        let channels_last = self.channels_last(wmat.dims2()?);
         // The input gradient of a 3×3 convolution with stride 1 and padding 1 is the same kind
         // of convolution of the output gradient, with the weight's channels swapped and its taps
         // turned by 180°.
@@ -893,9 +894,9 @@ impl CustomOp2 for ConvOp {
             true => Some(Geometry::new(true, co, (g.oh, g.ow), (3, 3), 1, 1)?),
             false => None,
         };
-        if let Some(gradient_geometry) = gradient_geometry.filter(|gg| {
-            self.channels_last(wmat.dims2().unwrap_or((0, 0))) && self.by_winograd(gg, co)
-        }) {
+        if let Some(gradient_geometry) =
+            gradient_geometry.filter(|gg| channels_last && self.by_winograd(gg, co))
+        {
             let (ci, k) = (g.channels, g.rows());
             let (gx, gw) = with_f32_data(&xs, |x| {
                 with_f32_data(&wmat, |w| {
@@ -912,7 +913,7 @@ impl CustomOp2 for ConvOp {
                 Some(Tensor::from_vec(gw, (co, k), &Device::Cpu)?),
             ));
         }
-        if self.kind == Kind::Conv && self.channels_last(wmat.dims2()?) {
+        if self.kind == Kind::Conv && channels_last {
             let (co, k) = wmat.dims2()?;
             let (gx, gw) = with_f32_data(&xs, |x| {
                 with_f32_data(&wmat, |w| {
