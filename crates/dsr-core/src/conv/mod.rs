@@ -466,7 +466,7 @@ fn conv2d_limited(
     // convolution; the weight is reordered to match.
     let g = Geometry::new(true, ci, (h, w), (kh, kw), stride, padding)?;
     let untracked = !xs.track_op() && !weight.track_op();
-    if untracked && winograd && winograd::applies(&g) && ci >= winograd::MIN_CHANNELS {
+    if untracked && winograd && winograd::pays_off(&g) {
         let shape = (xs.dim(0)?, co, g.oh, g.ow);
         let fresh = WeightCache::default();
         return cache.unwrap_or(&fresh).with_winograd_filters(weight, |u| {
@@ -726,13 +726,10 @@ impl ConvOp {
         }
     }
 
-    /// Whether a convolution with `channels` input channels runs by Winograd's algorithm here
-    /// (the forward: the layer's input channels; the input gradient: its output channels).
-    fn by_winograd(&self, g: &Geometry, channels: usize) -> bool {
-        self.winograd
-            && self.kind == Kind::Conv
-            && winograd::applies(g)
-            && channels >= winograd::MIN_CHANNELS
+    /// Whether a convolution of geometry `g` (the layer's, or its input gradient's) runs by
+    /// Winograd's algorithm here.
+    fn by_winograd(&self, g: &Geometry) -> bool {
+        self.winograd && self.kind == Kind::Conv && winograd::pays_off(g)
     }
 
     /// The forward product of the operands' storages plus the per-channel `bias` if any, as a
@@ -748,7 +745,7 @@ impl ConvOp {
         let (x, w) = (f32_data(s1, l1, "conv")?, f32_data(s2, l2, "conv")?);
         let (n, _, _, _) = l1.shape().dims4()?;
         let g = &self.g;
-        if self.by_winograd(g, g.channels) {
+        if self.by_winograd(g) {
             let (co, _) = l2.shape().dims2()?;
             let u = winograd::transformed_tap_major(w, g.channels, co);
             let ys = winograd::conv2d_forward(g, x, &u, co, bias)?;
@@ -895,7 +892,7 @@ impl CustomOp2 for ConvOp {
             false => None,
         };
         if let Some(gradient_geometry) =
-            gradient_geometry.filter(|gg| channels_last && self.by_winograd(gg, co))
+            gradient_geometry.filter(|gg| channels_last && self.by_winograd(gg))
         {
             let (ci, k) = (g.channels, g.rows());
             let (gx, gw) = with_f32_data(&xs, |x| {

@@ -36,7 +36,15 @@ const BAND_BYTES: usize = 8 << 20;
 /// and output value, the products' saving grows with the channels (measured once, two cores,
 /// 256×256, 64 outputs: 8 → 64 channels 9.1 ms direct against 12.9 ms, 16 → 64 13.6 against 15.8, 32 → 64
 /// 22.7 against 19.2; 64 → 64 42.5 against 31.8; 256 → 256 at 64×64 30.0 against 16.0).
-pub(super) const MIN_CHANNELS: usize = 32;
+const MIN_CHANNELS: usize = 32;
+
+/// Whether a convolution of geometry `g` is computed by Winograd's algorithm when it may be:
+/// [`applies`], with at least [`MIN_CHANNELS`] input channels. The one rule for every entry point
+/// (untracked, tracked, the input gradient, the recomputing operator), so that each computes a
+/// layer the same way.
+pub(super) fn pays_off(g: &Geometry) -> bool {
+    applies(g) && g.channels >= MIN_CHANNELS
+}
 
 /// Whether [`conv2d_forward`] can compute the convolution of geometry `g`: a 3×3 kernel, stride
 /// 1, padding 1 (output size = input size), even height and width, tap-major weight columns.
