@@ -166,6 +166,19 @@ fn bench_winograd(c: &mut Criterion) {
         let x = random(&[1, ci, side, side], 1, 1.0);
         let w = random(&[co, ci, 3, 3], 2, 0.1);
         let b = random(&[co], 3, 0.1);
+        // The filters kept between calls (as `dsr predict` runs) and transformed per call (as a
+        // training step does, once per weight).
+        dsr_core::runtime::set_winograd(true);
+        dsr_core::runtime::set_weight_cache(true);
+        let cache = dsr_core::conv::WeightCache::default();
+        group.bench_function(
+            format!("{ci}->{co} {side}x{side} winograd cached"),
+            |bench| {
+                bench
+                    .iter(|| dsr_core::conv::conv2d_cached(&x, &w, Some(&b), 1, 1, &cache).unwrap())
+            },
+        );
+        dsr_core::runtime::set_weight_cache(false);
         for (label, winograd) in [("winograd", true), ("direct", false)] {
             dsr_core::runtime::set_winograd(winograd);
             group.bench_function(format!("{ci}->{co} {side}x{side} {label}"), |bench| {

@@ -1,24 +1,27 @@
-//! 3×3 convolutions (stride 1, padding 1) by Winograd's minimal filtering F(2×2, 3×3): the
+//! 3×3 convolutions (stride 1, padding 1) by Winograd's minimal filtering F(4×4, 3×3): the
 //! forward, and in training also the input gradient (itself such a convolution).
 //!
-//! Each 2×2 block of output pixels is computed from the 4×4 block of input pixels around it:
-//! the input block `d` and the 3×3 filter `g` are transformed into 4×4 blocks `V = Bᵀ d B` and
+//! Each 4×4 block of output pixels is computed from the 6×6 block of input pixels around it:
+//! the input block `d` and the 3×3 filter `g` are transformed into 6×6 blocks `V = Bᵀ d B` and
 //! `U = G g Gᵀ`, multiplied element by element and summed over the input channels, and the sum
-//! `M` is transformed back by `Y = Aᵀ M A`. The sums over channels are 16 matrix products
-//! (one per element of the 4×4 block) of `[tiles, c]` by `[c, co]`: 16 multiply-adds per input
-//! channel and output channel for 4 output pixels, against 36 for the direct convolution, so
-//! the products do 2.25× less work. The transforms are additions (and halvings of the filter),
-//! done here on channels-last copies so that they run along contiguous channel vectors.
+//! `M` is transformed back by `Y = Aᵀ M A`. The sums over channels are 36 matrix products
+//! (one per element of the 6×6 block) of `[tiles, c]` by `[c, co]`: 36 multiply-adds per input
+//! channel and output channel for 16 output pixels, against 144 for the direct convolution, so
+//! the products do 4× less work. The transforms are small integer combinations (and, for the
+//! filter, divisions by 4, 6, 12 and 24, done once per weight in f64), computed here on
+//! channels-last copies so that they run along contiguous channel vectors.
 //!
-//! The rounding differs from the direct convolution's (the transforms add and subtract
-//! neighbouring pixels before the products), though not its size: against an f64 sum the error
-//! is no larger (unit test below). Measured on the reference fixture's random U-Nets, whose
-//! instance norms amplify small differences, every fixture output stays within its tolerance
-//! for the layers this is used for ([`MIN_CHANNELS`] and more input channels; with every 3×3
-//! layer, the fixture's 6- and 8-channel first layers included, the anomaly-detection softmax
-//! missed its 1e-5 by 1.20e-5). F(4×4, 3×3) (4× less work) rounds about 2.5× worse (the
-//! fixture's detection U-Net in PyTorch float32: 1.10e-5 against 4.5e-6), which is why the
-//! smaller tile is used. Weight gradients stay direct products (`channels_last`).
+//! The rounding differs from the direct convolution's and is larger: the transforms scale
+//! neighbouring pixels by up to 5 (input) and 8 (output) before and after the products.
+//! Against an f64 sum the error is a few times the direct convolution's (unit test below:
+//! 3.7e-6 against 6.9e-7 on outputs up to 1.1); the smaller F(2×2, 3×3) tile rounds as well
+//! as the direct convolution but does 2.25× less work where this does 4×. Measured on the
+//! reference fixture's random networks, whose instance norms amplify small differences, every
+//! fixture output stays within its tolerance for the layers this is used for ([`MIN_CHANNELS`]
+//! and more input channels; anomaly-detection softmax 2.6e-6 against its 1e-5, anomaly map
+//! 3.9e-6, against 1.3e-6 and 1.2e-6 with F(2×2, 3×3) and 1.3e-6 and 1.9e-6 with direct
+//! convolutions). `runtime::set_winograd(false)` (`dsr --direct-conv`) gives PyTorch's
+//! summation order back. Weight gradients stay direct products (`channels_last`).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -26,16 +29,22 @@ use rayon::prelude::*;
 use super::channels_last::{matmul, scatter_band, to_padded_channels_last, with_scratch, View};
 use super::{check_bias, Geometry};
 
-/// Elements of a transformed 4×4 block.
-const BLOCK: usize = 16;
+/// Output pixels per side of a tile.
+const OUT: usize = 4;
+
+/// Input pixels per side of a tile (`OUT` + 2).
+const IN: usize = 6;
+
+/// Elements of a transformed 6×6 block.
+const BLOCK: usize = IN * IN;
 
 /// The target size (in bytes) of the transformed inputs and products of one band of tile rows.
-const BAND_BYTES: usize = 8 << 20;
+const BAND_BYTES: usize = 16 << 20;
 
 /// Input channels below which the direct convolution is faster: the transforms cost per input
-/// and output value, the products' saving grows with the channels (measured once, two cores,
-/// 256×256, 64 outputs: 8 → 64 channels 9.1 ms direct against 12.9 ms, 16 → 64 13.6 against 15.8, 32 → 64
-/// 22.7 against 19.2; 64 → 64 42.5 against 31.8; 256 → 256 at 64×64 30.0 against 16.0).
+/// and output value, the products' saving grows with the channels (criterion group "inference
+/// 3x3", two cores, 256×256, 64 outputs, filters transformed per call: 16 → 64 channels 14.0 ms
+/// against 12.7 ms direct, 32 → 64 14.4 against 24.9, 64 → 64 20.9 against 40.6).
 const MIN_CHANNELS: usize = 32;
 
 /// Whether a convolution of geometry `g` is computed by Winograd's algorithm when it may be:
@@ -47,18 +56,19 @@ pub(super) fn pays_off(g: &Geometry) -> bool {
 }
 
 /// Whether [`conv2d_forward`] can compute the convolution of geometry `g`: a 3×3 kernel, stride
-/// 1, padding 1 (output size = input size), even height and width, tap-major weight columns.
+/// 1, padding 1 (output size = input size), height and width multiples of 4 (whole tiles),
+/// tap-major weight columns.
 pub(super) fn applies(g: &Geometry) -> bool {
     g.tap_major
         && (g.kh, g.kw, g.stride, g.pad) == (3, 3, 1, 1)
-        && g.h >= 2
-        && g.w >= 2
-        && g.h % 2 == 0
-        && g.w % 2 == 0
+        && g.h >= OUT
+        && g.w >= OUT
+        && g.h % OUT == 0
+        && g.w % OUT == 0
 }
 
 /// The transformed filters `U = G g Gᵀ` of a weight in PyTorch's layout (`[co, c, 3, 3]`),
-/// laid out `[c, 16, co]` as [`conv2d_forward`] takes them; computed in f64 and rounded once.
+/// laid out `[c, 36, co]` as [`conv2d_forward`] takes them; computed in f64 and rounded once.
 pub(super) fn transformed_filters(weight: &[f32], c: usize, co: usize) -> Vec<f32> {
     transformed_filters_with(c, co, |o, ch, tap| weight[(o * c + ch) * 9 + tap])
 }
@@ -77,28 +87,39 @@ pub(super) fn transformed_input_gradient(wmat: &[f32], c: usize, co: usize) -> V
 }
 
 /// The transformed filters of the `[co, c, 3, 3]` weight whose tap `tap` (= ky·3 + kx) from
-/// input channel `ch` to output `o` is `tap_value(o, ch, tap)`, laid out `[c, 16, co]`.
+/// input channel `ch` to output `o` is `tap_value(o, ch, tap)`, laid out `[c, 36, co]`.
 fn transformed_filters_with(
     c: usize,
     co: usize,
     tap_value: impl Fn(usize, usize, usize) -> f32 + Sync,
 ) -> Vec<f32> {
-    // Blocks of CHUNK channels: the filters of one output read next to each other (in
-    // PyTorch's layout, 9·CHUNK contiguous values), and the writes of one output (16 per
-    // filter, `co` apart) stay within a few hundred cache lines that the next outputs write
-    // next to.
-    const CHUNK: usize = 16;
+    // One input channel per task, its outputs in groups of GROUP: the group's transformed
+    // filters are gathered in `local` and written as 36 runs of GROUP neighbouring values.
+    // (Writing each filter's 36 values straight to their places, `co` apart, made for
+    // 512 outputs a stride of 2 KB that the caches hold in a few sets only: the transform
+    // took longer than the layer's products.)
+    const GROUP: usize = 16;
     let mut u = vec![0f32; c * BLOCK * co];
-    u.par_chunks_mut(CHUNK * BLOCK * co)
+    u.par_chunks_mut(BLOCK * co)
         .enumerate()
-        .for_each(|(chunk, block)| {
-            let channels = chunk * CHUNK..(chunk * CHUNK + CHUNK).min(c);
-            for o in 0..co {
-                for ch in channels.clone() {
-                    let g: [f64; 9] = std::array::from_fn(|tap| f64::from(tap_value(o, ch, tap)));
-                    let dst = (ch - chunk * CHUNK) * BLOCK * co + o;
-                    for (e, v) in filter_transform(&g).into_iter().enumerate() {
-                        block[dst + e * co] = v as f32;
+        .for_each(|(ch, block)| {
+            let mut local = [[0f64; GROUP]; BLOCK];
+            for o0 in (0..co).step_by(GROUP) {
+                let group = GROUP.min(co - o0);
+                let g: [[f64; GROUP]; 9] = std::array::from_fn(|tap| {
+                    std::array::from_fn(|k| {
+                        if k < group {
+                            f64::from(tap_value(o0 + k, ch, tap))
+                        } else {
+                            0.0
+                        }
+                    })
+                });
+                filter_transform(&g, &mut local);
+                for (e, values) in local.iter().enumerate() {
+                    let dst = &mut block[e * co + o0..e * co + o0 + group];
+                    for (d, v) in dst.iter_mut().zip(values) {
+                        *d = *v as f32;
                     }
                 }
             }
@@ -106,18 +127,45 @@ fn transformed_filters_with(
     u
 }
 
-/// `G g Gᵀ` of one 3×3 filter `g` (row-major), `G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1]`; the 16
-/// elements row by row.
-fn filter_transform(g: &[f64; 9]) -> [f64; BLOCK] {
-    let combine = |a: f64, b: f64, c: f64| [a, (a + b + c) * 0.5, (a - b + c) * 0.5, c];
-    // G g: column kx of g becomes column kx of the 4×3 product.
-    let columns: [[f64; 4]; 3] = std::array::from_fn(|kx| combine(g[kx], g[3 + kx], g[6 + kx]));
-    let mut u = [0f64; BLOCK];
-    for i in 0..4 {
-        let row = combine(columns[0][i], columns[1][i], columns[2][i]);
-        u[i * 4..i * 4 + 4].copy_from_slice(&row);
+/// `G g Gᵀ` of 3×3 filters `g` (taps row-major, each tap a lane per filter), with the 6×3
+/// matrix `G` of the interpolation points 0, ±1, ±2 and ∞ (rows `[¼ 0 0]`, `−⅙ [1 1 1]`,
+/// `−⅙ [1 −1 1]`, `[1/24 1/12 ⅙]`, `[1/24 −1/12 ⅙]`, `[0 0 1]`); `u` receives the 36 elements
+/// row by row. Lane by lane, so that the lanes fill vector registers.
+fn filter_transform<const L: usize>(g: &[[f64; L]; 9], u: &mut [[f64; L]; BLOCK]) {
+    // Multiplications by the reciprocal rather than divisions (slow in f64); the difference
+    // is far below f32's rounding.
+    const SIXTH: f64 = 1.0 / 6.0;
+    #[inline(always)]
+    fn combine<const L: usize>(a: &[f64; L], b: &[f64; L], c: &[f64; L], y: [&mut [f64; L]; IN]) {
+        let [y0, y1, y2, y3, y4, y5] = y;
+        for k in 0..L {
+            let (quarter, half) = (0.25 * a[k], 0.5 * b[k]);
+            y0[k] = quarter;
+            y1[k] = -(a[k] + b[k] + c[k]) * SIXTH;
+            y2[k] = -(a[k] - b[k] + c[k]) * SIXTH;
+            y3[k] = (quarter + half + c[k]) * SIXTH;
+            y4[k] = (quarter - half + c[k]) * SIXTH;
+            y5[k] = c[k];
+        }
     }
-    u
+    // G g: column kx of g becomes column kx of the 6×3 product (`columns[kx][i]`).
+    let mut columns = [[[0f64; L]; IN]; 3];
+    for (kx, column) in columns.iter_mut().enumerate() {
+        let [y0, y1, y2, y3, y4, y5] = column;
+        combine(&g[kx], &g[3 + kx], &g[6 + kx], [y0, y1, y2, y3, y4, y5]);
+    }
+    // (G g) Gᵀ: row i of the product combines row i of the three columns.
+    for (i, row) in u.chunks_exact_mut(IN).enumerate() {
+        let [y0, y1, y2, y3, y4, y5] = row else {
+            unreachable!("rows of six")
+        };
+        combine(
+            &columns[0][i],
+            &columns[1][i],
+            &columns[2][i],
+            [y0, y1, y2, y3, y4, y5],
+        );
+    }
 }
 
 /// `k` consecutive slices of `len` values from the start of `s`.
@@ -127,86 +175,96 @@ fn split<const K: usize>(s: &mut [f32], len: usize) -> [&mut [f32]; K] {
     std::array::from_fn(|_| parts.next().expect("split: slice too short"))
 }
 
-/// The four combinations `Bᵀ x` of one column of the 4×4 block, channel by channel:
-/// `Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1]`.
+/// The six combinations `Bᵀ x` of one column of the 6×6 block, channel by channel:
+/// `Bᵀ = [4 0 −5 0 1 0; 0 −4 −4 1 1 0; 0 4 −4 −1 1 0; 0 −2 −1 2 1 0; 0 2 −1 −2 1 0;
+/// 0 4 0 −5 0 1]`.
 #[inline(always)]
-fn b_transpose(x: [&[f32]; 4], y: [&mut [f32]; 4]) {
+fn b_transpose(x: [&[f32]; IN], y: [&mut [f32]; IN]) {
     let c = y[0].len();
-    let [x0, x1, x2, x3] = x.map(|x| &x[..c]);
-    let [y0, y1, y2, y3] = y;
-    let (y1, y2, y3) = (&mut y1[..c], &mut y2[..c], &mut y3[..c]);
+    let [x0, x1, x2, x3, x4, x5] = x.map(|x| &x[..c]);
+    let [y0, y1, y2, y3, y4, y5] = y;
+    let (y1, y2, y3, y4, y5) = (
+        &mut y1[..c],
+        &mut y2[..c],
+        &mut y3[..c],
+        &mut y4[..c],
+        &mut y5[..c],
+    );
     for ch in 0..c {
-        y0[ch] = x0[ch] - x2[ch];
-        y1[ch] = x1[ch] + x2[ch];
-        y2[ch] = x2[ch] - x1[ch];
-        y3[ch] = x1[ch] - x3[ch];
+        let (a, b) = (x4[ch] - 4.0 * x2[ch], x3[ch] - 4.0 * x1[ch]);
+        let (p, q) = (x4[ch] - x2[ch], 2.0 * (x3[ch] - x1[ch]));
+        y0[ch] = 4.0 * x0[ch] - 5.0 * x2[ch] + x4[ch];
+        y1[ch] = a + b;
+        y2[ch] = a - b;
+        y3[ch] = p + q;
+        y4[ch] = p - q;
+        y5[ch] = 4.0 * x1[ch] - 5.0 * x3[ch] + x5[ch];
     }
 }
 
-/// The two combinations `Aᵀ x` of one column of the 4×4 block, channel by channel:
-/// `Aᵀ = [1 1 1 0; 0 1 −1 −1]`.
+/// The four combinations `Aᵀ x` of one column of the 6×6 block, channel by channel:
+/// `Aᵀ = [1 1 1 1 1 0; 0 1 −1 2 −2 0; 0 1 1 4 4 0; 0 1 −1 8 −8 1]`.
 #[inline(always)]
-fn a_transpose(x: [&[f32]; 4], y0: &mut [f32], y1: &mut [f32]) {
-    let c = y0.len();
-    let [x0, x1, x2, x3] = x.map(|x| &x[..c]);
-    let y1 = &mut y1[..c];
+fn a_transpose(x: [&[f32]; IN], y: [&mut [f32]; OUT]) {
+    let c = y[0].len();
+    let [x0, x1, x2, x3, x4, x5] = x.map(|x| &x[..c]);
+    let [y0, y1, y2, y3] = y;
+    let (y1, y2, y3) = (&mut y1[..c], &mut y2[..c], &mut y3[..c]);
     for ch in 0..c {
-        y0[ch] = x0[ch] + x1[ch] + x2[ch];
-        y1[ch] = x1[ch] - x2[ch] - x3[ch];
+        let (s12, d12) = (x1[ch] + x2[ch], x1[ch] - x2[ch]);
+        let (s34, d34) = (x3[ch] + x4[ch], x3[ch] - x4[ch]);
+        y0[ch] = x0[ch] + s12 + s34;
+        y1[ch] = d12 + 2.0 * d34;
+        y2[ch] = s12 + 4.0 * s34;
+        y3[ch] = d12 + 8.0 * d34 + x5[ch];
     }
 }
 
 /// Transforms the input blocks of one row of tiles: `padded` is the image, channels last,
-/// padded by one pixel; `ty` the tile row; `dst` (`[tiles, 16, c]`) receives `V = Bᵀ d B` of
-/// each tile, element `i·4 + j` for row `i`, column `j`.
+/// padded by one pixel; `ty` the tile row; `dst` (`[tiles, 36, c]`) receives `V = Bᵀ d B` of
+/// each tile, element `i·6 + j` for row `i`, column `j`.
 fn transform_tile_row(padded: &[f32], c: usize, wp: usize, ty: usize, dst: &mut [f32]) {
     let mut rows = vec![0f32; BLOCK * c];
     crate::simd::wide(|| {
         for (tx, out) in dst.chunks_exact_mut(BLOCK * c).enumerate() {
-            // Bᵀ d: combine the block's four input rows, column by column (four neighbouring
-            // pixels of a row are 4·c contiguous values).
-            let base = |r: usize| ((2 * ty + r) * wp + 2 * tx) * c;
-            for j in 0..4 {
+            // Bᵀ d: combine the block's six input rows, column by column (six neighbouring
+            // pixels of a row are 6·c contiguous values).
+            let base = |r: usize| ((OUT * ty + r) * wp + OUT * tx) * c;
+            for j in 0..IN {
                 let x = std::array::from_fn(|r| &padded[base(r) + j * c..base(r) + (j + 1) * c]);
-                let mut y = split::<4>(&mut rows[j * 4 * c..(j + 1) * 4 * c], c);
-                let [y0, y1, y2, y3] = &mut y;
-                b_transpose(x, [y0, y1, y2, y3]);
+                b_transpose(x, split::<IN>(&mut rows[j * IN * c..(j + 1) * IN * c], c));
             }
             // (Bᵀ d) B: combine the columns of each row; `rows` holds column j's row i at
-            // (j·4 + i)·c.
-            let out = split::<BLOCK>(out, c);
-            let mut out = out.into_iter();
-            for i in 0..4 {
-                let x = std::array::from_fn(|j| &rows[(j * 4 + i) * c..(j * 4 + i + 1) * c]);
-                let y: [&mut [f32]; 4] = std::array::from_fn(|_| out.next().expect("16 blocks"));
-                b_transpose(x, y);
+            // (j·6 + i)·c.
+            for (i, out) in out.chunks_exact_mut(IN * c).enumerate() {
+                let x = std::array::from_fn(|j| &rows[(j * IN + i) * c..(j * IN + i + 1) * c]);
+                b_transpose(x, split::<IN>(out, c));
             }
         }
     });
 }
 
-/// Transforms the summed products of one row of tiles back: `m` is `[16, tiles, co]` for the
-/// whole band, `t0` the band's first tile of this row; `dst` receives the row's two output rows
-/// (`[2, ow, co]`, pixel-major).
+/// Transforms the summed products of one row of tiles back: `m` is `[36, tiles, co]` for the
+/// whole band, `t0` the band's first tile of this row; `dst` receives the row's four output
+/// rows (`[4, ow, co]`, pixel-major).
 fn untransform_tile_row(m: &[f32], tiles: usize, co: usize, t0: usize, dst: &mut [f32]) {
-    let ow = dst.len() / (2 * co);
-    let mut rows = vec![0f32; 8 * co];
+    let ow = dst.len() / (OUT * co);
+    let mut rows = vec![0f32; IN * OUT * co];
     crate::simd::wide(|| {
-        for tx in 0..ow / 2 {
+        for tx in 0..ow / OUT {
             let t = t0 + tx;
             let element = |e: usize| &m[(e * tiles + t) * co..(e * tiles + t + 1) * co];
-            // Aᵀ M: combine the four rows of each column; `rows` holds column j's row i at
-            // (j·2 + i)·co.
-            for j in 0..4 {
-                let [y0, y1] = split::<2>(&mut rows[j * 2 * co..(j + 1) * 2 * co], co);
-                a_transpose(std::array::from_fn(|i| element(i * 4 + j)), y0, y1);
+            // Aᵀ M: combine the six rows of each column; `rows` holds column j's row i at
+            // (j·4 + i)·co.
+            for j in 0..IN {
+                let y = split::<OUT>(&mut rows[j * OUT * co..(j + 1) * OUT * co], co);
+                a_transpose(std::array::from_fn(|i| element(i * IN + j)), y);
             }
-            // (Aᵀ M) A: combine the columns of each row into the 2×2 output pixels.
-            for i in 0..2 {
-                let x = std::array::from_fn(|j| &rows[(j * 2 + i) * co..(j * 2 + i + 1) * co]);
-                let (left, right) =
-                    dst[(i * ow + 2 * tx) * co..(i * ow + 2 * tx + 2) * co].split_at_mut(co);
-                a_transpose(x, left, right);
+            // (Aᵀ M) A: combine the columns of each row into the row's four output pixels.
+            for i in 0..OUT {
+                let x = std::array::from_fn(|j| &rows[(j * OUT + i) * co..(j * OUT + i + 1) * co]);
+                let start = (i * ow + OUT * tx) * co;
+                a_transpose(x, split::<OUT>(&mut dst[start..start + OUT * co], co));
             }
         }
     });
@@ -238,8 +296,8 @@ pub(super) fn conv2d_forward_banded(
 ) -> candle_core::Result<Vec<f32>> {
     if !applies(g) {
         candle_core::bail!(
-            "Winograd convolution: needs a 3×3 kernel, stride 1, padding 1 and an even-sized \
-             input, got {g:?}"
+            "Winograd convolution: needs a 3×3 kernel, stride 1, padding 1 and an input whose \
+             sides are multiples of {OUT}, got {g:?}"
         );
     }
     let (c, h, w) = (g.channels, g.h, g.w);
@@ -260,13 +318,16 @@ pub(super) fn conv2d_forward_banded(
         check_bias(b, co)?;
     }
     let n = xs.len() / image_len;
-    let (th, tw) = (h / 2, w / 2);
-    let band_tile_rows = (band_bytes / (BLOCK * tw * (c + co) * 4).max(1)).clamp(1, th);
+    let (th, tw) = (h / OUT, w / OUT);
+    // Bands of equal size: a short last band would repeat the products' fixed costs (packing
+    // the `[c, co]` filters) for a few tiles.
+    let most_rows = (band_bytes / (BLOCK * tw * (c + co) * 4).max(1)).clamp(1, th);
+    let band_tile_rows = th.div_ceil(th.div_ceil(most_rows));
     let band_tiles = band_tile_rows * tw;
     let padded_len = (h + 2) * (w + 2) * c;
     let v_len = band_tiles * BLOCK * c;
     let m_len = BLOCK * band_tiles * co;
-    let product_len = 4 * band_tiles * co;
+    let product_len = OUT * OUT * band_tiles * co;
     let mut out = vec![0f32; n * co * h * w];
     with_scratch(padded_len + v_len + m_len + product_len, |scratch| {
         let (padded, rest) = scratch.split_at_mut(padded_len);
@@ -300,12 +361,12 @@ pub(super) fn conv2d_forward_banded(
                         )
                     });
                 let m = &*m;
-                let product = &mut product[..4 * tiles * co];
+                let product = &mut product[..OUT * OUT * tiles * co];
                 product
-                    .par_chunks_exact_mut(2 * w * co)
+                    .par_chunks_exact_mut(OUT * w * co)
                     .enumerate()
                     .for_each(|(r, dst)| untransform_tile_row(m, tiles, co, r * tw, dst));
-                scatter_band(g, product, co, bias, 2 * ty0 * w, dst);
+                scatter_band(g, product, co, bias, OUT * ty0 * w, dst);
             }
         }
     });
@@ -348,10 +409,10 @@ mod tests {
         // (channels, h, w, co, batch, band bytes): several channel counts around the lane width,
         // the smallest image, several bands per image and one band for everything.
         for (c, h, w, co, n, band) in [
-            (3, 8, 6, 5, 2, 1 << 20),
+            (3, 8, 12, 5, 2, 1 << 20),
             (8, 16, 16, 8, 1, 1),
-            (20, 10, 12, 17, 2, 4096),
-            (16, 2, 2, 16, 1, 1 << 20),
+            (20, 12, 8, 17, 2, 4096),
+            (16, 4, 4, 16, 1, 1 << 20),
             (1, 4, 4, 1, 3, 1),
         ] {
             let g = Geometry::new(true, c, (h, w), (3, 3), 1, 1).unwrap();
@@ -384,7 +445,7 @@ mod tests {
     }
 
     #[test]
-    fn winograd_is_as_accurate_as_the_direct_convolution() {
+    fn winograd_rounds_within_a_few_times_the_direct_convolution() {
         // Both against the convolution summed in f64, on values in [-1, 1] and weights in
         // [-0.05, 0.05] (the scale of trained layers).
         let (c, h, w, co) = (32, 16, 12, 16);
@@ -395,7 +456,7 @@ mod tests {
         let direct = channels_last::conv2d_forward(&g, &xs, &wmat, co, None).unwrap();
         let u = transformed_filters(&weight, c, co);
         let fast = conv2d_forward(&g, &xs, &u, co, None).unwrap();
-        let (mut worst_direct, mut worst_fast) = (0f64, 0f64);
+        let (mut worst_direct, mut worst_fast, mut largest) = (0f64, 0f64, 0f64);
         for o in 0..co {
             for y in 0..h {
                 for x in 0..w {
@@ -409,25 +470,36 @@ mod tests {
                         }
                     }
                     let i = (o * h + y) * w + x;
+                    largest = largest.max(exact.abs());
                     worst_direct = worst_direct.max((f64::from(direct[i]) - exact).abs());
                     worst_fast = worst_fast.max((f64::from(fast[i]) - exact).abs());
                 }
             }
         }
+        eprintln!(
+            "largest output {largest:e}, error: Winograd {worst_fast:e}, direct {worst_direct:e}"
+        );
         assert!(worst_direct > 0.0);
+        // F(4×4, 3×3) rounds several times worse than the direct sum (see the module's notes).
         assert!(
-            worst_fast <= 2.0 * worst_direct,
+            worst_fast <= 8.0 * worst_direct,
             "Winograd {worst_fast:e} against direct {worst_direct:e}"
+        );
+        assert!(
+            worst_fast <= 1e-5 * largest,
+            "Winograd {worst_fast:e}, outputs up to {largest:e}"
         );
     }
 
     #[test]
-    fn only_stride_one_same_size_even_three_by_three_convolutions_apply() {
+    fn only_stride_one_same_size_three_by_three_convolutions_of_whole_tiles_apply() {
         let geometry =
             |(h, w), k, stride, pad| Geometry::new(true, 4, (h, w), (k, k), stride, pad).unwrap();
         assert!(applies(&geometry((8, 8), 3, 1, 1)));
         assert!(!applies(&geometry((7, 8), 3, 1, 1)));
         assert!(!applies(&geometry((8, 9), 3, 1, 1)));
+        assert!(!applies(&geometry((6, 8), 3, 1, 1)));
+        assert!(!applies(&geometry((8, 2), 3, 1, 1)));
         assert!(!applies(&geometry((8, 8), 3, 2, 1)));
         assert!(!applies(&geometry((8, 8), 3, 1, 0)));
         assert!(!applies(&geometry((8, 8), 4, 1, 1)));
@@ -440,7 +512,7 @@ mod tests {
             None,
         )
         .unwrap_err();
-        assert!(err.to_string().contains("even-sized"), "{err}");
+        assert!(err.to_string().contains("multiples of 4"), "{err}");
         let err = conv2d_forward(&g, &[0.0; 10], &[0.0; 64], 1, None).unwrap_err();
         assert!(err.to_string().contains("not whole"), "{err}");
         let err = conv2d_forward(&g, &[0.0; 256], &[0.0; 36], 1, None).unwrap_err();
