@@ -176,7 +176,8 @@ enum Command {
         print_config: bool,
         /// Use less memory in phases 2 and 3: each conv → instance norm → ReLU block computes
         /// its convolution again in the backward instead of keeping its output. Same results to
-        /// the bit, slower steps (see docs/performance.md). Allowed with --resume.
+        /// the bit, slower steps (see docs/performance.md); large freed buffers also go back to
+        /// the system instead of staying in the heap for reuse. Allowed with --resume.
         #[arg(long)]
         recompute: bool,
         /// The compute device.
@@ -285,9 +286,16 @@ fn parse_size(s: &str) -> std::result::Result<[usize; 2], String> {
 }
 
 fn main() -> ExitCode {
-    dsr_core::runtime::tune_allocator();
     // clap prints help and version with exit code 0 and usage errors with exit code 2.
     let cli = Cli::parse();
+    // Before any work starts threads. Training that recomputes activations to save memory
+    // also keeps the heap lean.
+    dsr_core::runtime::tune_allocator(match cli.command {
+        Command::Train {
+            recompute: true, ..
+        } => dsr_core::runtime::HeapUse::Lean,
+        _ => dsr_core::runtime::HeapUse::Reuse,
+    });
     dsr_core::runtime::set_winograd(!cli.direct_conv);
     // Inference on weights read from a file, which nothing changes: layers may keep their
     // weights' transformed copies.

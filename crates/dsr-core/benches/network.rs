@@ -18,7 +18,7 @@ fn uniform(shape: &[usize]) -> Tensor {
 }
 
 fn bench_networks(c: &mut Criterion) {
-    dsr_core::runtime::tune_allocator();
+    dsr_core::runtime::tune_allocator(dsr_core::runtime::HeapUse::Reuse);
     let size: usize = std::env::var("DSR_BENCH_SIZE")
         .ok()
         .and_then(|s| s.parse().ok())

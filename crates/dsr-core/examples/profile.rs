@@ -23,7 +23,7 @@ fn arg(name: &str, default: usize) -> usize {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (size, batch, repeat) = (arg("--size", 256), arg("--batch", 1), arg("--repeat", 3));
     // The `dsr` binary's allocator settings.
-    dsr_core::runtime::tune_allocator();
+    dsr_core::runtime::tune_allocator(dsr_core::runtime::HeapUse::Reuse);
     dsr_core::runtime::set_winograd(!std::env::args().any(|a| a == "--direct"));
     // As `dsr predict`: the layers keep their weights' transformed copies.
     dsr_core::runtime::set_weight_cache(!std::env::args().any(|a| a == "--no-cache"));

@@ -58,22 +58,36 @@ pub fn weight_cache() -> bool {
     WEIGHT_CACHE.load(Ordering::Relaxed)
 }
 
+/// How [`tune_allocator`] sets up glibc's allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeapUse {
+    /// Every freed buffer stays in the heap and serves the next ones of its size: no page
+    /// faults once the first step or forward has run, at a higher peak (fragments of the heap
+    /// stay mapped). Phase 3 at 256×256, batch 8: 28.4 → 22.4 s, peak 5.3 → 5.8 GB; phase 2
+    /// with activation recompute 33.0 → 29.4 s, 4.8 → 5.4 GB.
+    Reuse,
+    /// Buffers up to 32 MB stay in the heap; larger ones are mapped on their own and returned
+    /// when freed (each use faults its pages in again): the lower peak, for runs that trade
+    /// time for memory (`set_activation_recompute`).
+    Lean,
+}
+
 /// Tunes glibc's allocator for tensor work; call it first thing in `main`, before any thread
-/// starts. Tensor operations allocate and free large buffers at a high rate. With glibc's
-/// defaults each large buffer is a fresh mmap whose pages fault in on first touch and are
-/// unmapped on free; keeping freed memory in the heap, to serve the next buffers of the same
-/// sizes, removes that. No buffer is mmapped on its own any more (glibc can mmap at most 32 MB
-/// buffers with a raised threshold, and a training step's activations at batch 8 are larger:
-/// with the threshold alone a fifth of a phase-3 step still went to page faults). The heap
-/// keeps what a step freed for the next one, so the peak memory rises a little (phase 3 at
-/// batch 8: 5.3 → 5.8 GB) while the step gets faster (28.4 → 22.4 s, same run). Does nothing
-/// on other platforms.
-pub fn tune_allocator() {
+/// starts. Tensor operations allocate and free large buffers at a high rate; with glibc's
+/// defaults each buffer above 128 KB to 32 MB (the threshold adapts) is a fresh mapping whose
+/// pages fault in on first touch and are unmapped on free, which took about a fifth of a
+/// training step's wall time. Does nothing on other platforms.
+pub fn tune_allocator(heap: HeapUse) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; callers run it before other threads.
     unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
+        match heap {
+            HeapUse::Reuse => libc::mallopt(libc::M_MMAP_MAX, 0),
+            HeapUse::Lean => libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20),
+        };
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 256 << 20);
     }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = heap;
 }

@@ -23,8 +23,9 @@ fn values(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn cached_filters_give_the_same_outputs() {
-    // Plain tensors, as a loaded checkpoint gives them; base width 32 so that every level's 3×3
-    // convolutions take Winograd's algorithm (at least 32 input channels).
+    // Plain tensors, as a loaded checkpoint gives them; base width 32 and 32×32 images so that
+    // the 3×3 convolutions of the first two levels take Winograd's algorithm (at least 32 input
+    // channels and 16×16 pixels).
     let varmap = candle_nn::VarMap::new();
     UnetModel::new(
         VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),

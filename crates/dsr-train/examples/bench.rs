@@ -69,9 +69,13 @@ fn main() -> BoxResult<()> {
         "small" => dsr_train::pipeline::small_model(),
         other => return Err(format!("unknown preset '{other}' (reference or small)").into()),
     };
-    // The `dsr` binary's allocator settings.
-    dsr_core::runtime::tune_allocator();
     let recompute = args.iter().any(|a| a == "--recompute");
+    // The `dsr` binary's allocator settings.
+    dsr_core::runtime::tune_allocator(if recompute {
+        dsr_core::runtime::HeapUse::Lean
+    } else {
+        dsr_core::runtime::HeapUse::Reuse
+    });
     dsr_core::runtime::set_activation_recompute(recompute);
     let device = Device::Cpu;
 

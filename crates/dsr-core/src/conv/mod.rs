@@ -16,10 +16,11 @@
 //!
 //! The forward product of a convolution is computed the other way round, from a channels-last
 //! patch matrix (`channels_last`), where gemm runs up to 2.7× faster on the full-resolution
-//! layers; it gives the same bits as `W · im2col(x)`. 3×3 convolutions with stride 1, padding 1
-//! and at least 32 input channels use Winograd's F(2×2, 3×3) instead (`winograd`: 2.25× fewer
-//! multiplications, a rounding of its own that stays within the reference tolerances), for the
-//! forward and, in training, for the input gradient of channels-last layers.
+//! layers; it gives the same bits as `W · im2col(x)`. 3×3 convolutions with stride 1, padding 1,
+//! at least 32 input channels and at least 16×16 pixels whose sides are multiples of 4 use
+//! Winograd's F(4×4, 3×3) instead (`winograd`: 4× fewer multiplications, a larger rounding
+//! error that stays within the reference tolerances), for the forward and, in training, for
+//! the input gradient of channels-last layers.
 //!
 //! Only f32 tensors on the CPU take this path; every other device or dtype uses candle's own
 //! operator, so results are the same everywhere up to rounding.

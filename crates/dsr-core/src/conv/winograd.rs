@@ -47,12 +47,18 @@ const BAND_BYTES: usize = 16 << 20;
 /// against 12.7 ms direct, 32 → 64 14.4 against 24.9, 64 → 64 20.9 against 40.6).
 const MIN_CHANNELS: usize = 32;
 
+/// Pixels per image (16×16, 16 tiles) below which the direct convolution is used: there the
+/// products saved are few and the transformed filters, 4× the weight, comparatively large. In
+/// the reference model at 256×256 the 8×8 layers would keep 57 MB of transformed filters (of
+/// 591 MB for every eligible layer) to save 0.3 of 178 GFLOP of products per image.
+const MIN_PIXELS: usize = 16 * 16;
+
 /// Whether a convolution of geometry `g` is computed by Winograd's algorithm when it may be:
-/// [`applies`], with at least [`MIN_CHANNELS`] input channels. The one rule for every entry point
-/// (untracked, tracked, the input gradient, the recomputing operator), so that each computes a
-/// layer the same way.
+/// [`applies`], with at least [`MIN_CHANNELS`] input channels and [`MIN_PIXELS`] pixels. The one
+/// rule for every entry point (untracked, tracked, the input gradient, the recomputing
+/// operator), so that each computes a layer the same way.
 pub(super) fn pays_off(g: &Geometry) -> bool {
-    applies(g) && g.channels >= MIN_CHANNELS
+    applies(g) && g.channels >= MIN_CHANNELS && g.h * g.w >= MIN_PIXELS
 }
 
 /// Whether [`conv2d_forward`] can compute the convolution of geometry `g`: a 3×3 kernel, stride
