@@ -176,8 +176,7 @@ enum Command {
         print_config: bool,
         /// Use less memory in phases 2 and 3: each conv → instance norm → ReLU block computes
         /// its convolution again in the backward instead of keeping its output. Same results to
-        /// the bit, slower steps (see docs/performance.md); large freed buffers also go back to
-        /// the system instead of staying in the heap for reuse. Allowed with --resume.
+        /// the bit, slower steps (see docs/performance.md). Allowed with --resume.
         #[arg(long)]
         recompute: bool,
         /// The compute device.
@@ -288,12 +287,12 @@ fn parse_size(s: &str) -> std::result::Result<[usize; 2], String> {
 fn main() -> ExitCode {
     // clap prints help and version with exit code 0 and usage errors with exit code 2.
     let cli = Cli::parse();
-    // Before any work starts threads. Training that recomputes activations to save memory
-    // also keeps the heap lean.
+    // Before any work starts threads. Training keeps the heap lean: reusing every freed
+    // buffer would make its steps faster but raise their peak above PyTorch's.
     dsr_core::runtime::tune_allocator(match cli.command {
-        Command::Train {
-            recompute: true, ..
-        } => dsr_core::runtime::HeapUse::Lean,
+        Command::Train { .. } | Command::Pretrain { .. } | Command::Demo { .. } => {
+            dsr_core::runtime::HeapUse::Lean
+        }
         _ => dsr_core::runtime::HeapUse::Reuse,
     });
     dsr_core::runtime::set_winograd(!cli.direct_conv);

@@ -62,13 +62,14 @@ pub fn weight_cache() -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeapUse {
     /// Every freed buffer stays in the heap and serves the next ones of its size: no page
-    /// faults once the first step or forward has run, at a higher peak (fragments of the heap
-    /// stay mapped). Phase 3 at 256×256, batch 8: 28.4 → 22.4 s, peak 5.3 → 5.8 GB; phase 2
-    /// with activation recompute 33.0 → 29.4 s, 4.8 → 5.4 GB.
+    /// faults once the first forward or step has run, at a higher peak (fragments of the heap
+    /// stay mapped). `dsr predict` and `dsr test` use it. For training it would be faster but
+    /// heavier (256×256, batch 8: phase 3 26.5 → 22.4 s, peak 5.1 → 5.8 GB; phase 2 peak 7.25
+    /// GB, above PyTorch's 6.9), so training stays [`HeapUse::Lean`].
     Reuse,
     /// Buffers up to 32 MB stay in the heap; larger ones are mapped on their own and returned
-    /// when freed (each use faults its pages in again): the lower peak, for runs that trade
-    /// time for memory (`set_activation_recompute`).
+    /// when freed (each use faults its pages in again): the lower peak. `dsr train`,
+    /// `dsr pretrain` and `dsr demo` use it.
     Lean,
 }
 

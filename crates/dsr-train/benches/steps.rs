@@ -26,7 +26,7 @@ fn trainer(phase2_steps: u64, phase3_steps: u64) -> Trainer {
 }
 
 fn bench_steps(c: &mut Criterion) {
-    dsr_core::runtime::tune_allocator(dsr_core::runtime::HeapUse::Reuse);
+    dsr_core::runtime::tune_allocator(dsr_core::runtime::HeapUse::Lean);
     let mut group = c.benchmark_group(format!("small model {SIZE}x{SIZE} batch {BATCH}"));
     group.sample_size(10);
     // Plenty of steps in each phase: criterion decides how many it takes.

@@ -70,11 +70,11 @@ fn main() -> BoxResult<()> {
         other => return Err(format!("unknown preset '{other}' (reference or small)").into()),
     };
     let recompute = args.iter().any(|a| a == "--recompute");
-    // The `dsr` binary's allocator settings.
-    dsr_core::runtime::tune_allocator(if recompute {
-        dsr_core::runtime::HeapUse::Lean
-    } else {
+    // The `dsr` binary's allocator settings: lean for training, reuse for inference.
+    dsr_core::runtime::tune_allocator(if mode == "infer" {
         dsr_core::runtime::HeapUse::Reuse
+    } else {
+        dsr_core::runtime::HeapUse::Lean
     });
     dsr_core::runtime::set_activation_recompute(recompute);
     let device = Device::Cpu;
