@@ -34,7 +34,7 @@ struct Cli {
     command: Command,
     /// Compute the 3×3 convolutions directly instead of by Winograd's algorithm (inference, and
     /// the forward and input gradient in training): each output then is the dot product
-    /// PyTorch's CPU convolution computes, summed in the same order (about 1.3× slower
+    /// PyTorch's CPU convolution computes, summed in the same order (about 2× slower
     /// inference; see docs/performance.md).
     #[arg(long, global = true)]
     direct_conv: bool,

@@ -18,10 +18,11 @@
 //! as the direct convolution but does 2.25× less work where this does 4×. Measured on the
 //! reference fixture's random networks, whose instance norms amplify small differences, every
 //! fixture output stays within its tolerance for the layers this is used for ([`MIN_CHANNELS`]
-//! and more input channels; anomaly-detection softmax 2.6e-6 against its 1e-5, anomaly map
-//! 3.9e-6, against 1.3e-6 and 1.2e-6 with F(2×2, 3×3) and 1.3e-6 and 1.9e-6 with direct
-//! convolutions). `runtime::set_winograd(false)` (`dsr --direct-conv`) gives PyTorch's
-//! summation order back. Weight gradients stay direct products (`channels_last`).
+//! and more input channels, [`MIN_PIXELS`] and more pixels; anomaly-detection softmax 2.1e-6
+//! against its 1e-5, anomaly map 4.3e-6, against 1.3e-6 and 1.2e-6 with F(2×2, 3×3) and
+//! 1.3e-6 and 1.9e-6 with direct convolutions). `runtime::set_winograd(false)` (`dsr
+//! --direct-conv`) gives PyTorch's summation order back. Weight gradients stay direct products
+//! (`channels_last`).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
