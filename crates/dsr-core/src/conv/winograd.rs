@@ -42,10 +42,11 @@ const BLOCK: usize = IN * IN;
 /// The target size (in bytes) of the transformed inputs and products of one band of tile rows.
 const BAND_BYTES: usize = 16 << 20;
 
-/// Input channels below which the direct convolution is faster: the transforms cost per input
+/// Input channels below which the direct convolution is used: the transforms cost per input
 /// and output value, the products' saving grows with the channels (criterion group "inference
-/// 3x3", two cores, 256×256, 64 outputs, filters transformed per call: 16 → 64 channels 14.0 ms
-/// against 12.7 ms direct, 32 → 64 14.4 against 24.9, 64 → 64 20.9 against 40.6).
+/// 3x3", two cores, 256×256, 64 outputs, filters transformed per call: 32 → 64 channels 14.0 ms
+/// against 22.4 ms direct, 64 → 64 15.6 against 33.8; 16 → 64, measured with this threshold
+/// lowered, 10.1 against 11.9: within the host's noise, not worth a rounding of its own).
 const MIN_CHANNELS: usize = 32;
 
 /// Pixels per image (16×16, 16 tiles) below which the direct convolution is used: there the
