@@ -23,11 +23,18 @@ fn values(t: &Tensor) -> Vec<f32> {
 fn recomputed_blocks_give_the_same_outputs_and_gradients() {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    // 32×32 with base width 8: the full-resolution layers take the channels-last convolution,
-    // the 4×4 ones the NCHW product.
+    // Base width 8. At 32×32 the full-resolution layers take the channels-last convolution, the
+    // 2×2 ones the NCHW product; at 64×64 the 32-channel layer of the third level (16×16) also
+    // computes its forward (and so its recomputed forward) by Winograd's algorithm.
     let unet = UnetModel::new(vb, 3, 2, 8).unwrap();
-    let x = Var::from_tensor(&random(&[2, 3, 32, 32], 1)).unwrap();
-    let r = random(&[2, 2, 32, 32], 2);
+    for side in [32, 64] {
+        check_recompute(&unet, &varmap, side);
+    }
+}
+
+fn check_recompute(unet: &UnetModel, varmap: &VarMap, side: usize) {
+    let x = Var::from_tensor(&random(&[2, 3, side, side], 1)).unwrap();
+    let r = random(&[2, 2, side, side], 2);
     let run = |recompute: bool| {
         set_activation_recompute(recompute);
         let y = unet.forward(x.as_tensor()).unwrap();
@@ -51,7 +58,7 @@ fn recomputed_blocks_give_the_same_outputs_and_gradients() {
     assert_eq!(y_kept, y_recomputed);
     assert_eq!(g_kept.len(), g_recomputed.len());
     for (i, (a, b)) in g_kept.iter().zip(&g_recomputed).enumerate() {
-        assert_eq!(a, b, "gradient {i} differs");
+        assert_eq!(a, b, "gradient {i} differs at {side}×{side}");
         assert!(a.iter().any(|v| *v != 0.0), "gradient {i} is zero");
     }
 }
