@@ -883,39 +883,27 @@ impl CustomOp2 for ConvOp {
             grad.detach().contiguous()?,
         );
         let g = self.g;
-        let (co, _) = wmat.dims2()?;
-        let channels_last = self.channels_last(wmat.dims2()?);
-        // The input gradient of a 3×3 convolution with stride 1 and padding 1 is the same kind
-        // of convolution of the output gradient, with the weight's channels swapped and its taps
-        // turned by 180°.
-        let gradient_geometry = match self.kind == Kind::Conv && winograd::applies(&g) {
-            true => Some(Geometry::new(true, co, (g.oh, g.ow), (3, 3), 1, 1)?),
-            false => None,
-        };
-        if let Some(gradient_geometry) =
-            gradient_geometry.filter(|gg| channels_last && self.by_winograd(gg))
-        {
-            let (ci, k) = (g.channels, g.rows());
-            let (gx, gw) = with_f32_data(&xs, |x| {
-                with_f32_data(&wmat, |w| {
-                    with_f32_data(&grad, |gy| {
-                        let gw = channels_last::conv2d_weight_gradient(&g, x, w, co, gy)?;
-                        let u = winograd::transformed_input_gradient(w, ci, co);
-                        let gx = winograd::conv2d_forward(&gradient_geometry, gy, &u, ci, None)?;
-                        Ok((gx, gw))
-                    })
-                })
-            })?;
-            return Ok((
-                Some(Tensor::from_vec(gx, xs.shape(), &Device::Cpu)?),
-                Some(Tensor::from_vec(gw, (co, k), &Device::Cpu)?),
-            ));
-        }
-        if self.kind == Kind::Conv && channels_last {
+        if self.kind == Kind::Conv && self.channels_last(wmat.dims2()?) {
             let (co, k) = wmat.dims2()?;
+            // The input gradient of a 3×3 convolution with stride 1 and padding 1 is the same
+            // kind of convolution of the output gradient, with the weight's channels swapped and
+            // its taps turned by 180°: by Winograd's algorithm when that convolution suits it.
+            let winograd_gradient = match winograd::applies(&g) {
+                true => Some(Geometry::new(true, co, (g.oh, g.ow), (3, 3), 1, 1)?),
+                false => None,
+            }
+            .filter(|gg| self.by_winograd(gg));
             let (gx, gw) = with_f32_data(&xs, |x| {
                 with_f32_data(&wmat, |w| {
-                    with_f32_data(&grad, |gy| channels_last::conv2d_backward(&g, x, w, co, gy))
+                    with_f32_data(&grad, |gy| match &winograd_gradient {
+                        Some(gg) => {
+                            let gw = channels_last::conv2d_weight_gradient(&g, x, w, co, gy)?;
+                            let u = winograd::transformed_input_gradient(w, g.channels, co);
+                            let gx = winograd::conv2d_forward(gg, gy, &u, g.channels, None)?;
+                            Ok((gx, gw))
+                        }
+                        None => channels_last::conv2d_backward(&g, x, w, co, gy),
+                    })
                 })
             })?;
             return Ok((
