@@ -111,7 +111,7 @@ fn transformed_filters_with(
     u.par_chunks_mut(BLOCK * co)
         .enumerate()
         .for_each(|(ch, block)| {
-            let mut local = [[0f64; GROUP]; BLOCK];
+            let mut local = [[[0f64; GROUP]; IN]; IN];
             for o0 in (0..co).step_by(GROUP) {
                 let group = GROUP.min(co - o0);
                 let g: [[f64; GROUP]; 9] = std::array::from_fn(|tap| {
@@ -124,7 +124,7 @@ fn transformed_filters_with(
                     })
                 });
                 filter_transform(&g, &mut local);
-                for (e, values) in local.iter().enumerate() {
+                for (e, values) in local.iter().flatten().enumerate() {
                     let dst = &mut block[e * co + o0..e * co + o0 + group];
                     for (d, v) in dst.iter_mut().zip(values) {
                         *d = *v as f32;
@@ -137,14 +137,14 @@ fn transformed_filters_with(
 
 /// `G g Gᵀ` of 3×3 filters `g` (taps row-major, each tap a lane per filter), with the 6×3
 /// matrix `G` of the interpolation points 0, ±1, ±2 and ∞ (rows `[¼ 0 0]`, `−⅙ [1 1 1]`,
-/// `−⅙ [1 −1 1]`, `[1/24 1/12 ⅙]`, `[1/24 −1/12 ⅙]`, `[0 0 1]`); `u` receives the 36 elements
-/// row by row. Lane by lane, so that the lanes fill vector registers.
-fn filter_transform<const L: usize>(g: &[[f64; L]; 9], u: &mut [[f64; L]; BLOCK]) {
+/// `−⅙ [1 −1 1]`, `[1/24 1/12 ⅙]`, `[1/24 −1/12 ⅙]`, `[0 0 1]`); `u` receives the 6×6
+/// elements. Lane by lane, so that the lanes fill vector registers.
+fn filter_transform<const L: usize>(g: &[[f64; L]; 9], u: &mut [[[f64; L]; IN]; IN]) {
     // Multiplications by the reciprocal rather than divisions (slow in f64); the difference
     // is far below f32's rounding.
     const SIXTH: f64 = 1.0 / 6.0;
     #[inline(always)]
-    fn combine<const L: usize>(a: &[f64; L], b: &[f64; L], c: &[f64; L], y: [&mut [f64; L]; IN]) {
+    fn combine<const L: usize>(a: &[f64; L], b: &[f64; L], c: &[f64; L], y: &mut [[f64; L]; IN]) {
         let [y0, y1, y2, y3, y4, y5] = y;
         for k in 0..L {
             let (quarter, half) = (0.25 * a[k], 0.5 * b[k]);
@@ -159,20 +159,11 @@ fn filter_transform<const L: usize>(g: &[[f64; L]; 9], u: &mut [[f64; L]; BLOCK]
     // G g: column kx of g becomes column kx of the 6×3 product (`columns[kx][i]`).
     let mut columns = [[[0f64; L]; IN]; 3];
     for (kx, column) in columns.iter_mut().enumerate() {
-        let [y0, y1, y2, y3, y4, y5] = column;
-        combine(&g[kx], &g[3 + kx], &g[6 + kx], [y0, y1, y2, y3, y4, y5]);
+        combine(&g[kx], &g[3 + kx], &g[6 + kx], column);
     }
     // (G g) Gᵀ: row i of the product combines row i of the three columns.
-    for (i, row) in u.chunks_exact_mut(IN).enumerate() {
-        let [y0, y1, y2, y3, y4, y5] = row else {
-            unreachable!("rows of six")
-        };
-        combine(
-            &columns[0][i],
-            &columns[1][i],
-            &columns[2][i],
-            [y0, y1, y2, y3, y4, y5],
-        );
+    for (i, row) in u.iter_mut().enumerate() {
+        combine(&columns[0][i], &columns[1][i], &columns[2][i], row);
     }
 }
 
