@@ -1187,28 +1187,23 @@ mod tests {
                 .unwrap()
                 .sum(0)
                 .unwrap();
+            let (x, wmat, gy) = (values(&x), values(&wmat), values(&gy));
             for band_bytes in [1, usize::MAX / 2] {
-                let (gx, gw) = channels_last::conv2d_backward_banded(
-                    &g,
-                    &values(&x),
-                    &values(&wmat),
-                    co,
-                    &values(&gy),
-                    band_bytes,
-                    true,
-                )
-                .unwrap();
+                let backward = |input_gradient| {
+                    channels_last::conv2d_backward_banded(
+                        &g,
+                        &x,
+                        &wmat,
+                        co,
+                        &gy,
+                        band_bytes,
+                        input_gradient,
+                    )
+                    .unwrap()
+                };
+                let (gx, gw) = backward(true);
                 // The weight gradient alone is the same bits.
-                let (none, gw_alone) = channels_last::conv2d_backward_banded(
-                    &g,
-                    &values(&x),
-                    &values(&wmat),
-                    co,
-                    &values(&gy),
-                    band_bytes,
-                    false,
-                )
-                .unwrap();
+                let (none, gw_alone) = backward(false);
                 assert!(none.is_empty());
                 assert_eq!(gw_alone, gw);
                 for (what, ours, reference) in [("input", gx, &gx_ref), ("weight", gw, &gw_ref)] {
