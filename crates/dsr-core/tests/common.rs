@@ -1,5 +1,5 @@
-//! Shared helpers of the fixture tests: where the fixture lives, its configuration and
-//! tolerances (all read from the fixture itself), and tensor comparison.
+//! Shared helpers of the tests: where the fixture lives, its configuration and tolerances (all
+//! read from the fixture itself), tensor comparison, and seeded random inputs.
 
 #![allow(dead_code)]
 
@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use dsr_core::DsrConfig;
+use rand::{Rng, SeedableRng};
 
 /// The fixture folder: `DSR_FIXTURE_DIR` when set, else the copy inside the repository.
 pub fn fixture_dir() -> PathBuf {
@@ -150,4 +151,19 @@ pub fn assert_indices(name: &str, ours: &Tensor, reference: &Tensor) {
         "{name}: indices differ at {mismatches:?}"
     );
     eprintln!("{name}: all {} indices equal", a.len());
+}
+
+/// A CPU tensor of `shape` with values uniform in `[-scale, scale)`, from `seed`.
+pub fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// The values of a tensor, flattened.
+pub fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
 }

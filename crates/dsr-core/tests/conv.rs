@@ -2,20 +2,13 @@
 //! gradients of input, weight and bias, for every kernel/stride/padding combination DSR uses,
 //! on even and odd image sizes.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use dsr_core::conv::{conv2d, conv_transpose2d};
-use rand::{Rng, SeedableRng};
+
+mod common;
+use common::random;
 
 /// Uniform values in [−scale, scale) from a seeded generator.
-fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
 fn max_abs(t: &Tensor) -> f32 {
     t.abs()
         .unwrap()

@@ -10,14 +10,9 @@ use dsr_core::layers::{
 };
 use dsr_core::quantizer::EmaConfig;
 use dsr_core::VectorQuantizer;
-use rand::{Rng, SeedableRng};
 
-fn random(shape: &[usize], seed: u64) -> Tensor {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+mod common;
+use common::random;
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
@@ -35,8 +30,8 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn bilinear_operator_and_its_gradient_match_the_matrix_form() {
     for (h, w, oh, ow) in [(4, 4, 8, 8), (3, 5, 6, 10), (8, 8, 16, 16), (5, 4, 7, 9)] {
-        let x = Var::from_tensor(&random(&[2, 3, h, w], 1)).unwrap();
-        let r = random(&[2, 3, oh, ow], 2);
+        let x = Var::from_tensor(&random(&[2, 3, h, w], 1, 1.0)).unwrap();
+        let r = random(&[2, 3, oh, ow], 2, 1.0);
         let fast = upsample_bilinear(x.as_tensor(), oh, ow).unwrap();
         let slow = upsample_bilinear_matmul(x.as_tensor(), oh, ow).unwrap();
         assert!(max_diff(&fast, &slow) < 1e-6);
@@ -77,7 +72,7 @@ fn bilinear_align_corners_keeps_the_corners_and_interpolates_linearly() {
 fn max_pool_gradient_is_not_scaled() {
     // candle 0.11's max_pool2d backward multiplies by 1/4; the reshape form must give exactly 1
     // at each window's maximum and 0 elsewhere.
-    let x = Var::from_tensor(&random(&[2, 3, 8, 8], 3)).unwrap();
+    let x = Var::from_tensor(&random(&[2, 3, 8, 8], 3, 1.0)).unwrap();
     let y = max_pool2x2(x.as_tensor()).unwrap();
     let reference = x.as_tensor().max_pool2d(2).unwrap();
     assert_eq!(max_diff(&y, &reference), 0.0);
@@ -97,7 +92,7 @@ fn max_pool_gradient_is_not_scaled() {
 fn nearest_upsample_gradient_accumulates() {
     // candle 0.11's upsample_nearest2d backward overwrites the gradient already accumulated for
     // its input; ours must add: d/dx [sum(up4(x)) + sum(x)] = 16 + 1.
-    let x = Var::from_tensor(&random(&[1, 2, 4, 4], 4)).unwrap();
+    let x = Var::from_tensor(&random(&[1, 2, 4, 4], 4, 1.0)).unwrap();
     let loss = (upsample_nearest(x.as_tensor(), 4)
         .unwrap()
         .sum_all()
@@ -117,7 +112,7 @@ fn nearest_upsample_gradient_accumulates() {
 
 #[test]
 fn instance_norm_matches_a_direct_computation() {
-    let x = random(&[2, 3, 5, 7], 5);
+    let x = random(&[2, 3, 5, 7], 5, 1.0);
     let y: Vec<f32> = instance_norm(&x)
         .unwrap()
         .flatten_all()
@@ -253,7 +248,7 @@ fn ema_update_follows_the_original_recipe() {
 fn ema_update_refuses_a_constant_codebook() {
     let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
     let vq = VectorQuantizer::new(vb, 4, 2).unwrap();
-    let x = random(&[1, 2, 2, 2], 9);
+    let x = random(&[1, 2, 2, 2], 9, 1.0);
     assert!(vq.forward_ema(&x, &EmaConfig::default()).is_err());
 }
 
@@ -261,8 +256,8 @@ fn ema_update_refuses_a_constant_codebook() {
 fn instance_norm_gradient_matches_the_composite_form() {
     // The CPU operator's closed-form backward against autograd through the composite formula
     // (which the f64 path uses).
-    let x = random(&[2, 3, 6, 5], 11);
-    let r = random(&[2, 3, 6, 5], 12);
+    let x = random(&[2, 3, 6, 5], 11, 1.0);
+    let r = random(&[2, 3, 6, 5], 12, 1.0);
     let x32 = Var::from_tensor(&x).unwrap();
     let y32 = instance_norm(x32.as_tensor()).unwrap();
     let g32 = (y32 * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -297,8 +292,8 @@ fn instance_norm_gradient_matches_the_composite_form() {
 fn fused_instance_norm_relu_equals_the_two_operators() {
     // Same output bits, and the same input gradient as instance norm followed by a ReLU whose
     // gradient passes where the output is positive (PyTorch's rule).
-    let x = random(&[2, 3, 7, 5], 21);
-    let r = random(&[2, 3, 7, 5], 22);
+    let x = random(&[2, 3, 7, 5], 21, 1.0);
+    let r = random(&[2, 3, 7, 5], 22, 1.0);
     let xa = Var::from_tensor(&x).unwrap();
     let fused = instance_norm_relu(xa.as_tensor()).unwrap();
     let xb = Var::from_tensor(&x).unwrap();

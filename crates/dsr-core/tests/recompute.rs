@@ -2,22 +2,13 @@
 //! (`runtime::set_activation_recompute`) changes what training keeps in memory, not a single bit
 //! of the outputs or gradients. (Its own test binary: the setting is process-wide.)
 
-use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_core::{DType, Device, Module, Var};
 use candle_nn::{VarBuilder, VarMap};
 use dsr_core::runtime::set_activation_recompute;
 use dsr_core::unet::UnetModel;
-use rand::{Rng, SeedableRng};
 
-fn random(shape: &[usize], seed: u64) -> Tensor {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
-}
+mod common;
+use common::{random, values};
 
 #[test]
 fn recomputed_blocks_give_the_same_outputs_and_gradients() {
@@ -33,8 +24,8 @@ fn recomputed_blocks_give_the_same_outputs_and_gradients() {
 }
 
 fn check_recompute(unet: &UnetModel, varmap: &VarMap, side: usize) {
-    let x = Var::from_tensor(&random(&[2, 3, side, side], 1)).unwrap();
-    let r = random(&[2, 2, side, side], 2);
+    let x = Var::from_tensor(&random(&[2, 3, side, side], 1, 1.0)).unwrap();
+    let r = random(&[2, 2, side, side], 2, 1.0);
     let run = |recompute: bool| {
         set_activation_recompute(recompute);
         let y = unet.forward(x.as_tensor()).unwrap();

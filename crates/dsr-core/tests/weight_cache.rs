@@ -2,24 +2,13 @@
 //! same bits as layers that make them at every call. (Its own test binary: the setting is
 //! process-wide.)
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module};
 use candle_nn::VarBuilder;
 use dsr_core::runtime::{set_weight_cache, set_winograd};
 use dsr_core::unet::UnetModel;
-use rand::{Rng, SeedableRng};
 
-fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
-}
+mod common;
+use common::{random, values};
 
 #[test]
 fn cached_filters_give_the_same_outputs() {

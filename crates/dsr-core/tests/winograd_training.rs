@@ -3,23 +3,12 @@
 //! gradients within rounding of the direct convolution's. (Its own test binary: the setting is
 //! process-wide.)
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::Var;
 use dsr_core::conv::conv2d;
 use dsr_core::runtime::set_winograd;
-use rand::{Rng, SeedableRng};
 
-fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
-}
+mod common;
+use common::{random, values};
 
 /// The largest difference between `a` and `b`, relative to the largest magnitude of `b`.
 fn relative_difference(a: &[f32], b: &[f32]) -> f32 {
