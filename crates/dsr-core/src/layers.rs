@@ -11,6 +11,7 @@ use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
 use crate::conv::{f32_data, plain_tensor};
+use crate::nhwc::Nhwc;
 
 /// `InstanceNorm2d` epsilon (PyTorch default).
 pub const INSTANCE_NORM_EPS: f64 = 1e-5;
@@ -81,6 +82,27 @@ impl Conv2d {
     /// The bias tensor `[out]`, if the layer has one.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+}
+
+impl Conv2d {
+    /// Whether the weight and bias are f32 CPU tensors outside any autograd graph (loaded
+    /// weights, not training variables): what the channels-last inference path needs.
+    pub(crate) fn is_plain(&self) -> bool {
+        let plain = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
+        plain(&self.weight) && self.bias.as_ref().is_none_or(plain)
+    }
+
+    /// The convolution of a channels-last batch (see [`crate::nhwc`]).
+    pub(crate) fn forward_nhwc(&self, xs: &Nhwc) -> candle_core::Result<Nhwc> {
+        crate::conv::conv2d_nhwc(
+            xs,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+            &self.cache,
+        )
     }
 }
 
@@ -458,6 +480,20 @@ impl Module for ConvNormRelu {
     }
 }
 
+impl ConvNormRelu {
+    /// The convolution.
+    pub(crate) fn conv(&self) -> &Conv2d {
+        &self.conv
+    }
+
+    /// The block on a channels-last batch (see [`crate::nhwc`]).
+    pub(crate) fn forward_nhwc(&self, xs: &Nhwc) -> candle_core::Result<Nhwc> {
+        let mut ys = self.conv.forward_nhwc(xs)?;
+        ys.instance_norm_relu();
+        Ok(ys)
+    }
+}
+
 /// Conv (with bias) → instance norm → ReLU as one autograd node that keeps only its input, the
 /// weight and the bias: the backward computes the convolution again (the same bits) instead of
 /// keeping its output alive (see [`crate::runtime::set_activation_recompute`]).
@@ -545,6 +581,18 @@ impl DoubleConv {
     }
 }
 
+impl DoubleConv {
+    /// Its two convolutions.
+    pub(crate) fn convs(&self) -> [&Conv2d; 2] {
+        [self.first.conv(), self.second.conv()]
+    }
+
+    /// The two blocks on a channels-last batch (see [`crate::nhwc`]).
+    pub(crate) fn forward_nhwc(&self, xs: &Nhwc) -> candle_core::Result<Nhwc> {
+        self.second.forward_nhwc(&self.first.forward_nhwc(xs)?)
+    }
+}
+
 impl Module for DoubleConv {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         xs.apply(&self.first)?.apply(&self.second)
@@ -564,6 +612,18 @@ impl UpConv {
         Ok(Self {
             block: ConvNormRelu::new(Conv2d::k3(vb.pp("1"), in_ch, out_ch)?),
         })
+    }
+}
+
+impl UpConv {
+    /// Its convolution.
+    pub(crate) fn conv(&self) -> &Conv2d {
+        self.block.conv()
+    }
+
+    /// Upsampling and block on a channels-last batch (see [`crate::nhwc`]).
+    pub(crate) fn forward_nhwc(&self, xs: &Nhwc) -> candle_core::Result<Nhwc> {
+        self.block.forward_nhwc(&xs.upsample_bilinear2x())
     }
 }
 
@@ -614,15 +674,20 @@ pub fn avg_pool_same(xs: &Tensor, k: usize) -> candle_core::Result<Tensor> {
 /// Interpolation taps of one axis for align_corners = true: for every output index the two
 /// source indices and their weights.
 #[derive(Debug, Clone)]
-struct Taps {
-    i0: Vec<usize>,
-    i1: Vec<usize>,
-    l0: Vec<f32>,
-    l1: Vec<f32>,
+pub(crate) struct Taps {
+    /// The first source index of each output index.
+    pub(crate) i0: Vec<usize>,
+    /// The second source index (the first again at the last input).
+    pub(crate) i1: Vec<usize>,
+    /// The weight of the first source.
+    pub(crate) l0: Vec<f32>,
+    /// The weight of the second source.
+    pub(crate) l1: Vec<f32>,
 }
 
 impl Taps {
-    fn new(input: usize, output: usize) -> Self {
+    /// The taps that resize an axis of `input` values to `output` values.
+    pub(crate) fn new(input: usize, output: usize) -> Self {
         // The scale is computed in f32, as PyTorch's CPU kernel does for float tensors.
         let scale = if output > 1 {
             (input as f32 - 1.0) / (output as f32 - 1.0)

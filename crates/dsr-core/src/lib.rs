@@ -51,6 +51,7 @@ mod error;
 pub mod init;
 pub mod layers;
 pub mod model;
+mod nhwc;
 mod pickle_guard;
 pub mod quantizer;
 pub mod reconstruction;

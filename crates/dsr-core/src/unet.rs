@@ -6,6 +6,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::layers::{max_pool2x2, Conv2d, DoubleConv, UpConv};
+use crate::nhwc::Nhwc;
 
 /// A full-resolution U-Net with `out_channels` logits (keys `encoder.*`, `decoder.*`).
 #[derive(Debug, Clone)]
@@ -50,9 +51,48 @@ impl UnetModel {
     }
 }
 
-impl Module for UnetModel {
-    /// `B×C_in×H×W → B×C_out×H×W` (H, W multiples of 8).
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+impl UnetModel {
+    /// Every convolution of the network.
+    fn convs(&self) -> impl Iterator<Item = &Conv2d> {
+        let blocks = [&self.block1, &self.block2, &self.block3, &self.block4];
+        let decoder = [&self.db1, &self.db2, &self.db3];
+        let ups = [&self.up1, &self.up2, &self.up3];
+        blocks
+            .into_iter()
+            .chain(decoder)
+            .flat_map(DoubleConv::convs)
+            .chain(ups.into_iter().map(UpConv::conv))
+            .chain([&self.fin_out])
+    }
+
+    /// Whether [`Self::forward_nhwc`] can run on `xs`: inference (nothing tracked) on f32 CPU
+    /// tensors.
+    fn suits_nhwc(&self, xs: &Tensor) -> bool {
+        Nhwc::suits(xs) && self.convs().all(Conv2d::is_plain)
+    }
+
+    /// The forward with activations kept channels last from input to logits (see
+    /// [`crate::nhwc`]); the same values as [`Self::forward_planes`].
+    fn forward_nhwc(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let b1 = self.block1.forward_nhwc(&Nhwc::from_tensor(xs)?)?;
+        let b2 = self.block2.forward_nhwc(&b1.max_pool2x2())?;
+        let b3 = self.block3.forward_nhwc(&b2.max_pool2x2())?;
+        let b4 = self.block4.forward_nhwc(&b3.max_pool2x2())?;
+        let up1 = self.up1.forward_nhwc(&b4)?;
+        drop(b4);
+        let db1 = self.db1.forward_nhwc(&up1.cat(&b3)?)?;
+        drop((up1, b3));
+        let up2 = self.up2.forward_nhwc(&db1)?;
+        let db2 = self.db2.forward_nhwc(&up2.cat(&b2)?)?;
+        drop((up2, b2));
+        let up3 = self.up3.forward_nhwc(&db2)?;
+        let db3 = self.db3.forward_nhwc(&up3.cat(&b1)?)?;
+        drop((up3, b1));
+        self.fin_out.forward_nhwc(&db3)?.into_tensor()
+    }
+
+    /// The forward on NCHW tensors, layer by layer (training, and devices other than the CPU).
+    fn forward_planes(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let b1 = xs.apply(&self.block1)?;
         let b2 = max_pool2x2(&b1)?.apply(&self.block2)?;
         let b3 = max_pool2x2(&b2)?.apply(&self.block3)?;
@@ -64,5 +104,94 @@ impl Module for UnetModel {
         let up3 = db2.apply(&self.up3)?;
         let db3 = Tensor::cat(&[&up3, &b1], 1)?.apply(&self.db3)?;
         db3.apply(&self.fin_out)
+    }
+}
+
+impl Module for UnetModel {
+    /// `B×C_in×H×W → B×C_out×H×W` (H, W multiples of 8).
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if self.suits_nhwc(xs) {
+            self.forward_nhwc(xs)
+        } else {
+            self.forward_planes(xs)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    /// A U-Net (6 → 2 channels, base width `width`) with seeded PyTorch-style weights: as plain
+    /// tensors when `plain`, as training variables otherwise.
+    fn unet(width: usize, plain: bool) -> UnetModel {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let trained = UnetModel::new(vb, 6, 2, width).unwrap();
+        crate::init::init_seeded(&varmap, 3, crate::init::InitScheme::Pytorch, &[]).unwrap();
+        if !plain {
+            return trained;
+        }
+        let tensors = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        UnetModel::new(vb, 6, 2, width).unwrap()
+    }
+
+    /// Deterministic inputs in [0, 1).
+    fn input(n: usize, side: usize) -> Tensor {
+        let len = n * 6 * side * side;
+        let values: Vec<f32> = (0..len)
+            .map(|i| ((i * 7919 + 13) % 1009) as f32 / 1009.0)
+            .collect();
+        Tensor::from_vec(values, (n, 6, side, side), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn channels_last_forward_gives_the_nchw_forward_values() {
+        // Width 32 at 64×64: the 32- and 64-channel layers down to 16×16 run by Winograd's
+        // algorithm, the first layer (6 channels) and the 8×8 ones by the direct product, both
+        // in each layout. Two images: the batch loop too.
+        let unet = unet(32, true);
+        let xs = input(2, 64);
+        assert!(unet.suits_nhwc(&xs));
+        let planes = unet.forward_planes(&xs).unwrap();
+        let pixels = unet.forward_nhwc(&xs).unwrap();
+        assert_eq!(pixels.dims(), &[2, 2, 64, 64]);
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            planes.flatten_all().unwrap().to_vec1().unwrap(),
+            pixels.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        let largest = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let differing = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        eprintln!(
+            "{differing} of {} logits differ, by up to {worst:e} (largest {largest:e})",
+            a.len()
+        );
+        // The same kernels on the same values; only the order of the instance norms' f64 sums
+        // differs, which practically never shows after rounding to f32 (here: not once).
+        assert!(worst <= 1e-6 * largest.max(1.0), "{worst:e}");
+        assert!(largest > 0.1, "the logits are not all near zero");
+    }
+
+    #[test]
+    fn training_variables_take_the_nchw_path() {
+        let xs = input(1, 16);
+        assert!(!unet(8, false).suits_nhwc(&xs));
+        let plain = unet(8, true);
+        assert!(plain.suits_nhwc(&xs));
+        let tracked = candle_core::Var::from_tensor(&xs).unwrap();
+        assert!(!plain.suits_nhwc(tracked.as_tensor()));
     }
 }

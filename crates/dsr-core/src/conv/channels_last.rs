@@ -172,7 +172,7 @@ pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
 /// than element by element), the rest element by element. Pure moves and single additions: the
 /// values are the same bits either way.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn transpose_into(
+pub(crate) fn transpose_into(
     src: &[f32],
     (s0, ss): (usize, usize),
     dst: &mut [f32],
@@ -295,6 +295,16 @@ unsafe fn transpose_blocks_avx(
     }
 }
 
+/// How the images of a batch lie in memory, in and out of a convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ImageLayout {
+    /// `[n, c, h, w]`: one plane per channel, candle's and PyTorch's layout.
+    Planes,
+    /// `[n, h, w, c]`: the channels of each pixel side by side (the layout of
+    /// [`crate::nhwc::Nhwc`]).
+    Pixels,
+}
+
 /// The convolution of `n` NCHW images `xs` (`[n, g.channels, g.h, g.w]`) with the tap-major
 /// weight matrix `wmat` (`[co, kh·kw·c]`: row `o`, column `tap·c + channel`), plus `bias[o]` when
 /// given. Returns the NCHW output `[n, co, g.oh, g.ow]` as a flat vector.
@@ -305,11 +315,23 @@ pub(super) fn conv2d_forward(
     co: usize,
     bias: Option<&[f32]>,
 ) -> candle_core::Result<Vec<f32>> {
-    conv2d_forward_banded(g, xs, wmat, co, bias, BAND_BYTES)
+    conv2d_forward_banded(g, xs, wmat, co, bias, BAND_BYTES, ImageLayout::Planes)
+}
+
+/// [`conv2d_forward`] of channels-last images: `xs` is `[n, g.h, g.w, g.channels]`, the result
+/// `[n, g.oh, g.ow, co]`. The same products, so the same bits as the NCHW convolution.
+pub(super) fn conv2d_forward_pixels(
+    g: &Geometry,
+    xs: &[f32],
+    wmat: &[f32],
+    co: usize,
+    bias: Option<&[f32]>,
+) -> candle_core::Result<Vec<f32>> {
+    conv2d_forward_banded(g, xs, wmat, co, bias, BAND_BYTES, ImageLayout::Pixels)
 }
 
 /// [`conv2d_forward`] with bands of output rows whose patch matrices take about `band_bytes`
-/// (at least one row per band).
+/// (at least one row per band), input and output in `layout`.
 pub(super) fn conv2d_forward_banded(
     g: &Geometry,
     xs: &[f32],
@@ -317,6 +339,7 @@ pub(super) fn conv2d_forward_banded(
     co: usize,
     bias: Option<&[f32]>,
     band_bytes: usize,
+    layout: ImageLayout,
 ) -> candle_core::Result<Vec<f32>> {
     if !g.tap_major {
         candle_core::bail!("channels-last convolution: the weight columns must be tap-major");
@@ -355,11 +378,21 @@ pub(super) fn conv2d_forward_banded(
     with_scratch(padded_len + cols_len + band_rows * g.ow * co, |scratch| {
         let (padded, rest) = scratch.split_at_mut(padded_len);
         let (cols, product) = rest.split_at_mut(cols_len);
-        forward_images(
-            g, xs, &wt, co, bias, band_rows, padded, cols, product, &mut out,
-        );
+        let buffers = Buffers {
+            padded,
+            cols,
+            product,
+        };
+        forward_images(g, xs, &wt, co, bias, band_rows, layout, buffers, &mut out);
     });
     Ok(out)
+}
+
+/// The working buffers of [`forward_images`].
+struct Buffers<'a> {
+    padded: &'a mut [f32],
+    cols: &'a mut [f32],
+    product: &'a mut [f32],
 }
 
 /// The image loop of [`conv2d_forward_banded`] on its working buffers.
@@ -371,11 +404,15 @@ fn forward_images(
     co: usize,
     bias: Option<&[f32]>,
     band_rows: usize,
-    padded: &mut [f32],
-    cols: &mut [f32],
-    product: &mut [f32],
+    layout: ImageLayout,
+    buffers: Buffers,
     out: &mut [f32],
 ) {
+    let Buffers {
+        padded,
+        cols,
+        product,
+    } = buffers;
     let k = g.rows();
     let image_len = g.channels * g.h * g.w;
     let out_plane = g.oh * g.ow;
@@ -384,23 +421,71 @@ fn forward_images(
         .chunks_exact(image_len)
         .zip(out.chunks_exact_mut(co * out_plane))
     {
-        to_padded_channels_last(g, image, padded);
+        pad_image(g, layout, image, padded);
         for oy0 in (0..g.oh).step_by(band_rows) {
             let rows = band_rows.min(g.oh - oy0);
             let m = rows * g.ow;
             let cols = &mut cols[..m * k];
             fill_patches(g, padded, oy0, cols);
-            let product = &mut product[..m * co];
-            matmul(
-                product,
-                View::rows(cols, m, k),
-                View::rows(wt, k, co),
-                false,
-                parallelism,
-            );
-            scatter_band(g, product, co, bias, oy0 * g.ow, dst);
+            let product_into = |dst: &mut [f32]| {
+                let (lhs, rhs) = (View::rows(cols, m, k), View::rows(wt, k, co));
+                matmul(dst, lhs, rhs, false, parallelism)
+            };
+            match layout {
+                ImageLayout::Planes => {
+                    let product = &mut product[..m * co];
+                    product_into(product);
+                    scatter_band(g, product, co, bias, oy0 * g.ow, dst);
+                }
+                // The band's rows of the product are the output's pixels `oy0·ow..`.
+                ImageLayout::Pixels => {
+                    let band = &mut dst[oy0 * g.ow * co..(oy0 * g.ow + m) * co];
+                    product_into(band);
+                    add_bias_pixels(band, bias);
+                }
+            }
         }
     }
+}
+
+/// Copies one image in `layout` into `padded` (`[h + 2·pad, w + 2·pad, c]`, channels last),
+/// leaving the border zero.
+pub(super) fn pad_image(g: &Geometry, layout: ImageLayout, image: &[f32], padded: &mut [f32]) {
+    match layout {
+        ImageLayout::Planes => to_padded_channels_last(g, image, padded),
+        ImageLayout::Pixels => {
+            let (c, h, w, p) = (g.channels, g.h, g.w, g.pad);
+            padded
+                .par_chunks_exact_mut((w + 2 * p) * c)
+                .enumerate()
+                .for_each(|(y, row)| {
+                    // The buffer is reused: the border is cleared here, the inside overwritten.
+                    if y < p || y >= h + p {
+                        row.fill(0.0);
+                        return;
+                    }
+                    row[..p * c].fill(0.0);
+                    row[(w + p) * c..].fill(0.0);
+                    let y = y - p;
+                    row[p * c..(w + p) * c].copy_from_slice(&image[y * w * c..(y + 1) * w * c]);
+                });
+        }
+    }
+}
+
+/// Adds `bias[o]` to channel `o` of every pixel of the channels-last `values` (`[pixels, co]`).
+pub(super) fn add_bias_pixels(values: &mut [f32], bias: Option<&[f32]>) {
+    let Some(bias) = bias else { return };
+    let co = bias.len();
+    values.par_chunks_mut(co * 256).for_each(|pixels| {
+        crate::simd::wide(|| {
+            for pixel in pixels.chunks_exact_mut(co) {
+                for (v, &b) in pixel.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+        })
+    });
 }
 
 /// Copies one NCHW image into `padded` (`[h + 2·pad, w + 2·pad, c]`, channels last), leaving

@@ -34,6 +34,10 @@ use std::sync::{Arc, OnceLock};
 mod channels_last;
 mod winograd;
 
+pub(crate) use channels_last::transpose_into;
+
+use crate::nhwc::Nhwc;
+
 /// The largest patch matrix (in bytes) built at once; larger batches are processed in groups of
 /// whole images so that the patch matrices of one group stay below this size.
 const COLS_BYTES_LIMIT: usize = 256 << 20;
@@ -304,6 +308,17 @@ pub(crate) fn with_f32_data<R>(
     }
 }
 
+/// [`with_f32_data`] of a tensor that may be absent.
+fn with_optional_f32_data<R>(
+    t: Option<&Tensor>,
+    f: impl FnOnce(Option<&[f32]>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    match t {
+        Some(t) => with_f32_data(t, |v| f(Some(v))),
+        None => f(None),
+    }
+}
+
 /// Whether `bias` can be added inside the CPU kernels: an f32 vector on the CPU.
 fn f32_cpu_vector(bias: &Tensor) -> bool {
     bias.dtype() == DType::F32 && bias.device().is_cpu() && bias.rank() == 1
@@ -416,6 +431,52 @@ pub fn conv2d_cached(
         ..Plan::current()
     };
     conv2d_limited(xs, weight, bias, stride, padding, plan)
+}
+
+/// [`conv2d_cached`] of an untracked channels-last batch (the weight and bias untracked f32 CPU
+/// tensors too): the same kernels as the NCHW inference path, so the same bits, without the
+/// moves between layouts. Winograd's algorithm where [`winograd::pays_off`] (and
+/// [`crate::runtime::winograd`] is on), the banded channels-last product otherwise.
+pub(crate) fn conv2d_nhwc(
+    xs: &Nhwc,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    cache: &WeightCache,
+) -> candle_core::Result<Nhwc> {
+    let (co, ci, kh, kw) = weight.dims4()?;
+    if ci != xs.c {
+        candle_core::bail!(
+            "conv2d: input has {} channels, the weight expects {ci}",
+            xs.c
+        );
+    }
+    let plain = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
+    if !plain(weight) || !bias.is_none_or(plain) {
+        candle_core::bail!("conv2d: channels-last images need untracked f32 CPU weights");
+    }
+    let g = Geometry::new(true, ci, (xs.h, xs.w), (kh, kw), stride, padding)?;
+    let data = if crate::runtime::winograd() && winograd::pays_off(&g) {
+        cache.with_winograd_filters(weight, |u| {
+            with_optional_f32_data(bias, |b| {
+                winograd::conv2d_forward_pixels(&g, &xs.data, u, co, b)
+            })
+        })?
+    } else {
+        with_f32_data(&tap_major_matrix(weight)?, |w| {
+            with_optional_f32_data(bias, |b| {
+                channels_last::conv2d_forward_pixels(&g, &xs.data, w, co, b)
+            })
+        })?
+    };
+    Ok(Nhwc {
+        data,
+        n: xs.n,
+        h: g.oh,
+        w: g.ow,
+        c: co,
+    })
 }
 
 /// How [`conv2d_limited`] may compute a convolution.
@@ -1123,6 +1184,35 @@ mod tests {
         t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
+    /// `n` NCHW images of `c` channels (`[n, c, pixels]`) laid out channels last
+    /// (`[n, pixels, c]`).
+    pub(super) fn to_pixels(planes: &[f32], n: usize, c: usize) -> Vec<f32> {
+        let pixels = planes.len() / (n * c);
+        let mut out = vec![0f32; planes.len()];
+        for (i, image) in planes.chunks_exact(c * pixels).enumerate() {
+            for (ch, plane) in image.chunks_exact(pixels).enumerate() {
+                for (p, &v) in plane.iter().enumerate() {
+                    out[(i * pixels + p) * c + ch] = v;
+                }
+            }
+        }
+        out
+    }
+
+    /// The inverse of [`to_pixels`].
+    pub(super) fn to_planes(pixels: &[f32], n: usize, c: usize) -> Vec<f32> {
+        let count = pixels.len() / (n * c);
+        let mut out = vec![0f32; pixels.len()];
+        for (i, image) in pixels.chunks_exact(c * count).enumerate() {
+            for (p, pixel) in image.chunks_exact(c).enumerate() {
+                for (ch, &v) in pixel.iter().enumerate() {
+                    out[(i * c + ch) * count + p] = v;
+                }
+            }
+        }
+        out
+    }
+
     #[test]
     fn channels_last_forward_is_bit_identical_to_the_patch_matrix_product() {
         // Channel counts around the transposition tile, strides, kernels, one row per band and
@@ -1151,9 +1241,26 @@ mod tests {
                     co,
                     Some(&bias),
                     band_bytes,
+                    channels_last::ImageLayout::Planes,
                 )
                 .unwrap();
                 assert_eq!(ours, expected, "{g:?}, bands of {band_bytes} bytes");
+                // Channels-last images in and out: the same products, the same bits.
+                let pixels = channels_last::conv2d_forward_banded(
+                    &g,
+                    &to_pixels(&values(&x), n, c),
+                    &values(&wmat),
+                    co,
+                    Some(&bias),
+                    band_bytes,
+                    channels_last::ImageLayout::Pixels,
+                )
+                .unwrap();
+                assert_eq!(
+                    to_planes(&pixels, n, co),
+                    expected,
+                    "{g:?}, channels last, bands of {band_bytes} bytes"
+                );
             }
         }
     }

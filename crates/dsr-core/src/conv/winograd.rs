@@ -27,7 +27,9 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::channels_last::{matmul, scatter_band, to_padded_channels_last, with_scratch, View};
+use super::channels_last::{
+    add_bias_pixels, matmul, pad_image, scatter_band, with_scratch, ImageLayout, View,
+};
 use super::{check_bias, Geometry};
 
 /// Output pixels per side of a tile.
@@ -280,11 +282,23 @@ pub(super) fn conv2d_forward(
     co: usize,
     bias: Option<&[f32]>,
 ) -> candle_core::Result<Vec<f32>> {
-    conv2d_forward_banded(g, xs, u, co, bias, BAND_BYTES)
+    conv2d_forward_banded(g, xs, u, co, bias, BAND_BYTES, ImageLayout::Planes)
+}
+
+/// [`conv2d_forward`] of channels-last images: `xs` is `[n, h, w, c]`, the result
+/// `[n, h, w, co]`; the same arithmetic, so the same bits as the NCHW convolution.
+pub(super) fn conv2d_forward_pixels(
+    g: &Geometry,
+    xs: &[f32],
+    u: &[f32],
+    co: usize,
+    bias: Option<&[f32]>,
+) -> candle_core::Result<Vec<f32>> {
+    conv2d_forward_banded(g, xs, u, co, bias, BAND_BYTES, ImageLayout::Pixels)
 }
 
 /// [`conv2d_forward`] with bands of tile rows whose transformed inputs and products take about
-/// `band_bytes` (at least one tile row per band).
+/// `band_bytes` (at least one tile row per band), input and output in `layout`.
 pub(super) fn conv2d_forward_banded(
     g: &Geometry,
     xs: &[f32],
@@ -292,6 +306,7 @@ pub(super) fn conv2d_forward_banded(
     co: usize,
     bias: Option<&[f32]>,
     band_bytes: usize,
+    layout: ImageLayout,
 ) -> candle_core::Result<Vec<f32>> {
     if !applies(g) {
         candle_core::bail!(
@@ -336,7 +351,7 @@ pub(super) fn conv2d_forward_banded(
             .chunks_exact(image_len)
             .zip(out.chunks_exact_mut(co * h * w))
         {
-            to_padded_channels_last(g, image, padded);
+            pad_image(g, layout, image, padded);
             for ty0 in (0..th).step_by(band_tile_rows) {
                 let rows = band_tile_rows.min(th - ty0);
                 let tiles = rows * tw;
@@ -360,12 +375,25 @@ pub(super) fn conv2d_forward_banded(
                         )
                     });
                 let m = &*m;
-                let product = &mut product[..OUT * OUT * tiles * co];
-                product
-                    .par_chunks_exact_mut(OUT * w * co)
-                    .enumerate()
-                    .for_each(|(r, dst)| untransform_tile_row(m, tiles, co, r * tw, dst));
-                scatter_band(g, product, co, bias, OUT * ty0 * w, dst);
+                let untransform = |out: &mut [f32]| {
+                    out.par_chunks_exact_mut(OUT * w * co)
+                        .enumerate()
+                        .for_each(|(r, dst)| untransform_tile_row(m, tiles, co, r * tw, dst))
+                };
+                let first = OUT * ty0 * w;
+                match layout {
+                    ImageLayout::Planes => {
+                        let product = &mut product[..OUT * OUT * tiles * co];
+                        untransform(product);
+                        scatter_band(g, product, co, bias, first, dst);
+                    }
+                    // The band's output rows, pixel-major, are the output's pixels `first..`.
+                    ImageLayout::Pixels => {
+                        let band = &mut dst[first * co..(first + OUT * OUT * tiles) * co];
+                        untransform(band);
+                        add_bias_pixels(band, bias);
+                    }
+                }
             }
         }
     });
@@ -375,6 +403,7 @@ pub(super) fn conv2d_forward_banded(
 #[cfg(test)]
 mod tests {
     use super::super::channels_last;
+    use super::super::tests::{to_pixels, to_planes};
     use super::*;
 
     /// The tap-major weight matrix (`[co, 9·c]`) of a `[co, c, 3, 3]` weight.
@@ -422,7 +451,9 @@ mod tests {
             let wmat = tap_major(&weight, c, co);
             let u = transformed_filters(&weight, c, co);
             let direct = channels_last::conv2d_forward(&g, &xs, &wmat, co, Some(&bias)).unwrap();
-            let fast = conv2d_forward_banded(&g, &xs, &u, co, Some(&bias), band).unwrap();
+            let fast =
+                conv2d_forward_banded(&g, &xs, &u, co, Some(&bias), band, ImageLayout::Planes)
+                    .unwrap();
             assert_eq!(direct.len(), fast.len());
             // Each output sums 9·c products of magnitude ≤ 1: bound the error relative to that.
             let scale = (9 * c) as f32;
@@ -435,11 +466,22 @@ mod tests {
                 worst <= 4.0 * f32::EPSILON * scale,
                 "c {c}, {h}×{w}, co {co}: max difference {worst}"
             );
-            let unbiased = conv2d_forward_banded(&g, &xs, &u, co, None, band).unwrap();
+            let unbiased =
+                conv2d_forward_banded(&g, &xs, &u, co, None, band, ImageLayout::Planes).unwrap();
             for (i, (a, b)) in fast.iter().zip(&unbiased).enumerate() {
                 let o = (i / (h * w)) % co;
                 assert_eq!(*a, b + bias[o], "bias of channel {o}");
             }
+            // Channels-last images in and out: the same arithmetic, the same bits.
+            let pixels = to_pixels(&xs, n, c);
+            let fast_pixels =
+                conv2d_forward_banded(&g, &pixels, &u, co, Some(&bias), band, ImageLayout::Pixels)
+                    .unwrap();
+            assert_eq!(
+                to_planes(&fast_pixels, n, co),
+                fast,
+                "c {c}, {h}×{w}, co {co}"
+            );
         }
     }
 
