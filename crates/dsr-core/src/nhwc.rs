@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::conv::with_f32_data;
-use crate::layers::{Taps, INSTANCE_NORM_EPS};
+use crate::layers::{Conv2d, Taps, INSTANCE_NORM_EPS};
 
 /// A batch of `n` images of `h`×`w` pixels with `c` channels, channels last: the value of
 /// channel `ch` at pixel `(y, x)` of image `i` is `data[((i·h + y)·w + x)·c + ch]`.
@@ -37,10 +37,12 @@ pub(crate) struct Nhwc {
 }
 
 impl Nhwc {
-    /// Whether `xs` can take the channels-last path: an f32 `[n, c, h, w]` CPU tensor outside
-    /// any autograd graph.
-    pub(crate) fn suits(xs: &Tensor) -> bool {
-        xs.device().is_cpu() && xs.dtype() == DType::F32 && xs.rank() == 4 && !xs.track_op()
+    /// Whether a network whose convolutions are `convs` can run on `xs` channels last: `xs` an
+    /// f32 `[n, c, h, w]` CPU tensor outside any autograd graph, every weight plain
+    /// ([`Conv2d::is_plain`]).
+    pub(crate) fn suits<'a>(xs: &Tensor, convs: impl IntoIterator<Item = &'a Conv2d>) -> bool {
+        let input = xs.device().is_cpu() && xs.dtype() == DType::F32 && xs.rank() == 4;
+        input && !xs.track_op() && convs.into_iter().all(Conv2d::is_plain)
     }
 
     /// The NCHW tensor `xs` (f32, CPU), channels last.
@@ -66,8 +68,8 @@ impl Nhwc {
     }
 
     /// The batch as an NCHW tensor `[n, c, h, w]`.
-    pub(crate) fn into_tensor(self) -> candle_core::Result<Tensor> {
-        let Self { data, n, h, w, c } = self;
+    pub(crate) fn to_tensor(&self) -> candle_core::Result<Tensor> {
+        let (data, n, h, w, c) = (&self.data, self.n, self.h, self.w, self.c);
         let plane = h * w;
         let mut planes = vec![0f32; data.len()];
         if plane * c > 0 {
@@ -402,6 +404,64 @@ fn lane_sums(part: &[f32], c: usize, c0: usize, term: impl Fn(f32, usize) -> f64
     std::array::from_fn(|j| (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]))
 }
 
+/// Helpers for the tests of the networks that run channels last.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+
+    /// The network `build` makes, with seeded PyTorch-style weights: as plain tensors (loaded
+    /// weights) when `plain`, as training variables otherwise.
+    pub(crate) fn seeded<T>(
+        plain: bool,
+        build: impl Fn(VarBuilder) -> candle_core::Result<T>,
+    ) -> T {
+        let varmap = VarMap::new();
+        let trained = build(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        crate::init::init_seeded(&varmap, 3, crate::init::InitScheme::Pytorch, &[]).unwrap();
+        if !plain {
+            return trained;
+        }
+        let tensors = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        build(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap()
+    }
+
+    /// Deterministic `[n, c, side, side]` inputs in [0, 1).
+    pub(crate) fn input(n: usize, c: usize, side: usize) -> Tensor {
+        let values: Vec<f32> = (0..n * c * side * side)
+            .map(|i| ((i * 7919 + 13) % 1009) as f32 / 1009.0)
+            .collect();
+        Tensor::from_vec(values, (n, c, side, side), &Device::Cpu).unwrap()
+    }
+
+    /// Asserts that the channels-last forward's output `pixels` has the values of the NCHW
+    /// forward's `planes`: the same kernels on the same values, where only the order of the
+    /// instance norms' f64 sums differs, which practically never shows after rounding to f32.
+    pub(crate) fn assert_same_values(planes: &Tensor, pixels: &Tensor) {
+        assert_eq!(planes.dims(), pixels.dims());
+        let values = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let (a, b) = (values(planes), values(pixels));
+        let largest = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let differing = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        eprintln!(
+            "{differing} of {} outputs differ, by up to {worst:e} (largest {largest:e})",
+            a.len()
+        );
+        assert!(largest > 0.1, "the outputs are not all near zero");
+        assert!(worst <= 1e-6 * largest.max(1.0), "{worst:e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,7 +487,7 @@ mod tests {
         // Channel 4 of pixel (3, 2) of the second image.
         let at = |t: &Tensor| values(&t.get(1).unwrap().get(4).unwrap().get(3).unwrap())[2];
         assert_eq!(nhwc.data[((5 + 3) * 7 + 2) * 19 + 4], at(&xs));
-        assert_eq!(values(&nhwc.into_tensor().unwrap()), values(&xs));
+        assert_eq!(values(&nhwc.to_tensor().unwrap()), values(&xs));
     }
 
     #[test]
@@ -435,9 +495,9 @@ mod tests {
         // Odd sides: pooling drops the last row and column, as the NCHW operator does.
         let xs = planes(2, 21, 9, 7, 2);
         let nhwc = Nhwc::from_tensor(&xs).unwrap();
-        let pooled = nhwc.max_pool2x2().into_tensor().unwrap();
+        let pooled = nhwc.max_pool2x2().to_tensor().unwrap();
         assert_eq!(values(&pooled), values(&layers::max_pool2x2(&xs).unwrap()));
-        let up = nhwc.upsample_bilinear2x().into_tensor().unwrap();
+        let up = nhwc.upsample_bilinear2x().to_tensor().unwrap();
         assert_eq!(
             values(&up),
             values(&layers::upsample_bilinear2x(&xs).unwrap())
@@ -446,7 +506,7 @@ mod tests {
         let cat = nhwc
             .cat(&Nhwc::from_tensor(&other).unwrap())
             .unwrap()
-            .into_tensor()
+            .to_tensor()
             .unwrap();
         assert_eq!(
             values(&cat),
@@ -470,7 +530,7 @@ mod tests {
             .unwrap();
         let mut nhwc = Nhwc::from_tensor(&xs).unwrap();
         nhwc.instance_norm_relu();
-        let ours = values(&nhwc.into_tensor().unwrap());
+        let ours = values(&nhwc.to_tensor().unwrap());
         let reference = values(&layers::instance_norm_relu(&xs).unwrap());
         assert!(ours.contains(&0.0) && ours.iter().any(|&v| v > 1.0));
         // f64 sums in another order: equal after rounding to f32 but in rare ties.

@@ -7,6 +7,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::layers::{max_pool2x2, Conv2d, DoubleConv, UpConv};
+use crate::nhwc::Nhwc;
 use crate::quantizer::{Quantized, VectorQuantizer};
 use crate::Result;
 
@@ -44,8 +45,36 @@ impl SubspaceRestrictionNetwork {
     }
 }
 
-impl Module for SubspaceRestrictionNetwork {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+impl SubspaceRestrictionNetwork {
+    /// Every convolution of the network.
+    fn convs(&self) -> impl Iterator<Item = &Conv2d> {
+        let blocks = [
+            &self.block1,
+            &self.block2,
+            &self.block3,
+            &self.db2,
+            &self.db3,
+        ];
+        blocks.into_iter().flat_map(DoubleConv::convs).chain([
+            self.up2.conv(),
+            self.up3.conv(),
+            &self.fin_out,
+        ])
+    }
+
+    /// The forward with activations kept channels last (see [`crate::nhwc`]); the same values
+    /// as [`Self::forward_planes`].
+    fn forward_nhwc(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let b1 = self.block1.forward_nhwc(&Nhwc::from_tensor(xs)?)?;
+        let b2 = self.block2.forward_nhwc(&b1.max_pool2x2())?;
+        let b3 = self.block3.forward_nhwc(&b2.max_pool2x2())?;
+        let x = self.db2.forward_nhwc(&self.up2.forward_nhwc(&b3)?)?;
+        let x = self.db3.forward_nhwc(&self.up3.forward_nhwc(&x)?)?;
+        self.fin_out.forward_nhwc(&x)?.to_tensor()
+    }
+
+    /// The forward on NCHW tensors, layer by layer (training, and devices other than the CPU).
+    fn forward_planes(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let b1 = xs.apply(&self.block1)?;
         let b2 = max_pool2x2(&b1)?.apply(&self.block2)?;
         let b3 = max_pool2x2(&b2)?.apply(&self.block3)?;
@@ -54,6 +83,16 @@ impl Module for SubspaceRestrictionNetwork {
             .apply(&self.up3)?
             .apply(&self.db3)?
             .apply(&self.fin_out)
+    }
+}
+
+impl Module for SubspaceRestrictionNetwork {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if Nhwc::suits(xs, self.convs()) {
+            self.forward_nhwc(xs)
+        } else {
+            self.forward_planes(xs)
+        }
     }
 }
 
@@ -78,5 +117,25 @@ impl SubspaceRestrictionModule {
         let features = xs.apply(&self.unet)?;
         let quantized = vq.forward(&features)?;
         Ok((features, quantized))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nhwc::test_support::{assert_same_values, input, seeded};
+
+    #[test]
+    fn channels_last_forward_gives_the_nchw_forward_values() {
+        // 32 channels at 32×32: the 32- and 64-channel layers at 32×32 and 16×16 by Winograd's
+        // algorithm, the 8×8 ones by the direct product. Two images.
+        let network = seeded(true, |vb| SubspaceRestrictionNetwork::new(vb, 32, 32));
+        let xs = input(2, 32, 32);
+        assert!(Nhwc::suits(&xs, network.convs()));
+        let trainable = seeded(false, |vb| SubspaceRestrictionNetwork::new(vb, 32, 32));
+        assert!(!Nhwc::suits(&xs, trainable.convs()));
+        let pixels = network.forward_nhwc(&xs).unwrap();
+        assert_eq!(pixels.dims(), &[2, 32, 32, 32]);
+        assert_same_values(&network.forward_planes(&xs).unwrap(), &pixels);
     }
 }
