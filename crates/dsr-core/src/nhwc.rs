@@ -197,12 +197,15 @@ impl Nhwc {
             );
         }
         let (ca, cb) = (self.c, other.c);
+        if ca == 0 || cb == 0 {
+            return Ok(if ca == 0 { other.clone() } else { self.clone() });
+        }
         let c = ca + cb;
         let mut data = vec![0f32; n * h * w * c];
         if !data.is_empty() {
             data.par_chunks_exact_mut(w * c)
-                .zip(self.data.par_chunks_exact(w * ca.max(1)))
-                .zip(other.data.par_chunks_exact(w * cb.max(1)))
+                .zip(self.data.par_chunks_exact(w * ca))
+                .zip(other.data.par_chunks_exact(w * cb))
                 .for_each(|((dst, a), b)| {
                     for (x, out) in dst.chunks_exact_mut(c).enumerate() {
                         out[..ca].copy_from_slice(&a[x * ca..(x + 1) * ca]);
