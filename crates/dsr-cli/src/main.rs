@@ -287,8 +287,9 @@ fn parse_size(s: &str) -> std::result::Result<[usize; 2], String> {
 fn main() -> ExitCode {
     // clap prints help and version with exit code 0 and usage errors with exit code 2.
     let cli = Cli::parse();
-    // Before any work starts threads. Training keeps the heap lean: reusing every freed
-    // buffer would make its steps faster but raise their peak above PyTorch's.
+    // Before any work starts threads. Training starts with a lean heap: reusing every freed
+    // buffer would make phase-2 steps faster but raise their peak above PyTorch's (phase 3
+    // switches to reuse, see `train::run_session`).
     dsr_core::runtime::tune_allocator(match cli.command {
         Command::Train { .. } | Command::Pretrain { .. } | Command::Demo { .. } => {
             dsr_core::runtime::HeapUse::Lean

@@ -87,6 +87,9 @@ impl SubspaceRestrictionNetwork {
 }
 
 impl Module for SubspaceRestrictionNetwork {
+    /// `B×D×h×w → B×D×h×w` (h, w multiples of 4). At inference on the CPU (f32, nothing
+    /// tracked) the activations stay channels last between layers; the values are those of the
+    /// layer-by-layer NCHW forward.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if Nhwc::suits(xs, self.convs()) {
             self.forward_nhwc(xs)

@@ -108,7 +108,9 @@ impl UnetModel {
 }
 
 impl Module for UnetModel {
-    /// `B×C_in×H×W → B×C_out×H×W` (H, W multiples of 8).
+    /// `B×C_in×H×W → B×C_out×H×W` (H, W multiples of 8). At inference on the CPU (f32,
+    /// nothing tracked) the activations stay channels last from input to logits; the values
+    /// are those of the layer-by-layer NCHW forward.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if self.suits_nhwc(xs) {
             self.forward_nhwc(xs)

@@ -70,11 +70,12 @@ fn main() -> BoxResult<()> {
         other => return Err(format!("unknown preset '{other}' (reference or small)").into()),
     };
     let recompute = args.iter().any(|a| a == "--recompute");
-    // The `dsr` binary's allocator settings: lean for training, reuse for inference.
-    dsr_core::runtime::tune_allocator(if mode == "infer" {
-        dsr_core::runtime::HeapUse::Reuse
-    } else {
+    // The `dsr` binary's allocator settings: lean for phase 2 (and phase 1), reuse for phase 3
+    // and inference.
+    dsr_core::runtime::tune_allocator(if mode == "phase2" {
         dsr_core::runtime::HeapUse::Lean
+    } else {
+        dsr_core::runtime::HeapUse::Reuse
     });
     dsr_core::runtime::set_activation_recompute(recompute);
     let device = Device::Cpu;

@@ -22,6 +22,10 @@
 //! error that stays within the reference tolerances), for the forward and, in training, for
 //! the input gradient of channels-last layers.
 //!
+//! At inference the U-Nets and the subspace restriction networks keep their activations
+//! channels last between layers (the crate's `nhwc` module); `conv2d_nhwc` runs the same
+//! kernels on such images without the moves to and from NCHW planes: the same bits.
+//!
 //! Only f32 tensors on the CPU take this path; every other device or dtype uses candle's own
 //! operator, so results are the same everywhere up to rounding.
 
