@@ -99,37 +99,25 @@ impl Nhwc {
         Tensor::from_vec(planes, (n, c, h, w), &Device::Cpu)
     }
 
-    /// 2×2 max-pooling with stride 2, odd trailing rows and columns dropped
-    /// ([`crate::layers::max_pool2x2`]).
-    pub(crate) fn max_pool2x2(&self) -> Self {
+    /// A batch of `oh`×`ow` images with `self.c` channels, pixel row by pixel row:
+    /// `fill(lines, y, dst)` writes output row `y` of an image into `dst` (`ow·c` values), where
+    /// `lines.row(r)` is input row `r` of the same image (`w·c` values).
+    fn map_rows(
+        &self,
+        (oh, ow): (usize, usize),
+        fill: impl Fn(&Lines, usize, &mut [f32]) + Sync,
+    ) -> Self {
         let (n, h, w, c) = (self.n, self.h, self.w, self.c);
-        let (oh, ow) = (h / 2, w / 2);
         let mut data = vec![0f32; n * oh * ow * c];
-        if data.is_empty() {
-            return Self {
-                data,
-                n,
-                h: oh,
-                w: ow,
-                c,
-            };
+        if !data.is_empty() {
+            data.par_chunks_exact_mut(ow * c)
+                .enumerate()
+                .for_each(|(row, dst)| {
+                    let image = &self.data[row / oh * h * w * c..][..h * w * c];
+                    let lines = Lines { image, len: w * c };
+                    crate::simd::wide(|| fill(&lines, row % oh, dst))
+                });
         }
-        data.par_chunks_exact_mut(ow * c)
-            .enumerate()
-            .for_each(|(row, dst)| {
-                let (image, oy) = (row / oh, row % oh);
-                let line = |y: usize| &self.data[((image * h + y) * w) * c..][..w * c];
-                let (r0, r1) = (line(2 * oy), line(2 * oy + 1));
-                crate::simd::wide(|| {
-                    for (ox, out) in dst.chunks_exact_mut(c).enumerate() {
-                        let (a, b) = (&r0[2 * ox * c..][..2 * c], &r1[2 * ox * c..][..2 * c]);
-                        for (ch, o) in out.iter_mut().enumerate() {
-                            // Over the columns of each window row, then over its rows.
-                            *o = a[ch].max(a[c + ch]).max(b[ch].max(b[c + ch]));
-                        }
-                    }
-                })
-            });
         Self {
             data,
             n,
@@ -139,50 +127,41 @@ impl Nhwc {
         }
     }
 
+    /// 2×2 max-pooling with stride 2, odd trailing rows and columns dropped
+    /// ([`crate::layers::max_pool2x2`]).
+    pub(crate) fn max_pool2x2(&self) -> Self {
+        let c = self.c;
+        self.map_rows((self.h / 2, self.w / 2), |lines, oy, dst| {
+            let (r0, r1) = (lines.row(2 * oy), lines.row(2 * oy + 1));
+            for (ox, out) in dst.chunks_exact_mut(c).enumerate() {
+                let (a, b) = (&r0[2 * ox * c..][..2 * c], &r1[2 * ox * c..][..2 * c]);
+                for (ch, o) in out.iter_mut().enumerate() {
+                    // Over the columns of each window row, then over its rows.
+                    *o = a[ch].max(a[c + ch]).max(b[ch].max(b[c + ch]));
+                }
+            }
+        })
+    }
+
     /// Bilinear ×2 upsampling with align_corners = true
     /// ([`crate::layers::upsample_bilinear2x`]).
     pub(crate) fn upsample_bilinear2x(&self) -> Self {
-        let (n, h, w, c) = (self.n, self.h, self.w, self.c);
-        let (oh, ow) = (2 * h, 2 * w);
-        let mut data = vec![0f32; n * oh * ow * c];
-        if data.is_empty() {
-            return Self {
-                data,
-                n,
-                h: oh,
-                w: ow,
-                c,
-            };
-        }
-        let (th, tw) = (Taps::new(h, oh), Taps::new(w, ow));
-        data.par_chunks_exact_mut(ow * c)
-            .enumerate()
-            .for_each(|(row, dst)| {
-                let (image, y) = (row / oh, row % oh);
-                let line = |y: usize| &self.data[((image * h + y) * w) * c..][..w * c];
-                let (r0, r1) = (line(th.i0[y]), line(th.i1[y]));
-                let (a0, a1) = (th.l0[y], th.l1[y]);
-                crate::simd::wide(|| {
-                    for (x, out) in dst.chunks_exact_mut(c).enumerate() {
-                        let (j0, j1) = (tw.i0[x] * c, tw.i1[x] * c);
-                        let (b0, b1) = (tw.l0[x], tw.l1[x]);
-                        let (p00, p01) = (&r0[j0..j0 + c], &r0[j1..j1 + c]);
-                        let (p10, p11) = (&r1[j0..j0 + c], &r1[j1..j1 + c]);
-                        for (ch, o) in out.iter_mut().enumerate() {
-                            // The NCHW operator's expression, term by term.
-                            *o = a0 * (b0 * p00[ch] + b1 * p01[ch])
-                                + a1 * (b0 * p10[ch] + b1 * p11[ch]);
-                        }
-                    }
-                })
-            });
-        Self {
-            data,
-            n,
-            h: oh,
-            w: ow,
-            c,
-        }
+        let (h, w, c) = (self.h, self.w, self.c);
+        let (th, tw) = (Taps::new(h, 2 * h), Taps::new(w, 2 * w));
+        self.map_rows((2 * h, 2 * w), |lines, y, dst| {
+            let (r0, r1) = (lines.row(th.i0[y]), lines.row(th.i1[y]));
+            let (a0, a1) = (th.l0[y], th.l1[y]);
+            for (x, out) in dst.chunks_exact_mut(c).enumerate() {
+                let (j0, j1) = (tw.i0[x] * c, tw.i1[x] * c);
+                let (b0, b1) = (tw.l0[x], tw.l1[x]);
+                let (p00, p01) = (&r0[j0..j0 + c], &r0[j1..j1 + c]);
+                let (p10, p11) = (&r1[j0..j0 + c], &r1[j1..j1 + c]);
+                for (ch, o) in out.iter_mut().enumerate() {
+                    // The NCHW operator's expression, term by term.
+                    *o = a0 * (b0 * p00[ch] + b1 * p01[ch]) + a1 * (b0 * p10[ch] + b1 * p11[ch]);
+                }
+            }
+        })
     }
 
     /// The channels of `self` followed by those of `other` (`Tensor::cat(&[self, other], 1)`).
@@ -251,6 +230,19 @@ impl Nhwc {
                 })
             });
         }
+    }
+}
+
+/// The pixel rows of one channels-last image (`len` values each), for [`Nhwc::map_rows`].
+struct Lines<'a> {
+    image: &'a [f32],
+    len: usize,
+}
+
+impl Lines<'_> {
+    /// Row `r`.
+    fn row(&self, r: usize) -> &[f32] {
+        &self.image[r * self.len..(r + 1) * self.len]
     }
 }
 

@@ -305,29 +305,19 @@ pub(super) enum ImageLayout {
     Pixels,
 }
 
-/// The convolution of `n` NCHW images `xs` (`[n, g.channels, g.h, g.w]`) with the tap-major
-/// weight matrix `wmat` (`[co, kh·kw·c]`: row `o`, column `tap·c + channel`), plus `bias[o]` when
-/// given. Returns the NCHW output `[n, co, g.oh, g.ow]` as a flat vector.
+/// The convolution of `n` images `xs` in `layout` (NCHW `[n, g.channels, g.h, g.w]` or
+/// channels last) with the tap-major weight matrix `wmat` (`[co, kh·kw·c]`: row `o`, column
+/// `tap·c + channel`), plus `bias[o]` when given. Returns the output `[n, co, g.oh, g.ow]` (or
+/// `[n, g.oh, g.ow, co]` channels last) as a flat vector; either layout gives the same bits.
 pub(super) fn conv2d_forward(
     g: &Geometry,
     xs: &[f32],
     wmat: &[f32],
     co: usize,
     bias: Option<&[f32]>,
+    layout: ImageLayout,
 ) -> candle_core::Result<Vec<f32>> {
-    conv2d_forward_banded(g, xs, wmat, co, bias, BAND_BYTES, ImageLayout::Planes)
-}
-
-/// [`conv2d_forward`] of channels-last images: `xs` is `[n, g.h, g.w, g.channels]`, the result
-/// `[n, g.oh, g.ow, co]`. The same products, so the same bits as the NCHW convolution.
-pub(super) fn conv2d_forward_pixels(
-    g: &Geometry,
-    xs: &[f32],
-    wmat: &[f32],
-    co: usize,
-    bias: Option<&[f32]>,
-) -> candle_core::Result<Vec<f32>> {
-    conv2d_forward_banded(g, xs, wmat, co, bias, BAND_BYTES, ImageLayout::Pixels)
+    conv2d_forward_banded(g, xs, wmat, co, bias, BAND_BYTES, layout)
 }
 
 /// [`conv2d_forward`] with bands of output rows whose patch matrices take about `band_bytes`
@@ -448,31 +438,6 @@ fn forward_images(
     }
 }
 
-/// Copies one image in `layout` into `padded` (`[h + 2·pad, w + 2·pad, c]`, channels last),
-/// leaving the border zero.
-pub(super) fn pad_image(g: &Geometry, layout: ImageLayout, image: &[f32], padded: &mut [f32]) {
-    match layout {
-        ImageLayout::Planes => to_padded_channels_last(g, image, padded),
-        ImageLayout::Pixels => {
-            let (c, h, w, p) = (g.channels, g.h, g.w, g.pad);
-            padded
-                .par_chunks_exact_mut((w + 2 * p) * c)
-                .enumerate()
-                .for_each(|(y, row)| {
-                    // The buffer is reused: the border is cleared here, the inside overwritten.
-                    if y < p || y >= h + p {
-                        row.fill(0.0);
-                        return;
-                    }
-                    row[..p * c].fill(0.0);
-                    row[(w + p) * c..].fill(0.0);
-                    let y = y - p;
-                    row[p * c..(w + p) * c].copy_from_slice(&image[y * w * c..(y + 1) * w * c]);
-                });
-        }
-    }
-}
-
 /// Adds `bias[o]` to channel `o` of every pixel of the channels-last `values` (`[pixels, co]`).
 pub(super) fn add_bias_pixels(values: &mut [f32], bias: Option<&[f32]>) {
     let Some(bias) = bias else { return };
@@ -490,7 +455,13 @@ pub(super) fn add_bias_pixels(values: &mut [f32], bias: Option<&[f32]>) {
 
 /// Copies one NCHW image into `padded` (`[h + 2·pad, w + 2·pad, c]`, channels last), leaving
 /// the border zero.
-pub(super) fn to_padded_channels_last(g: &Geometry, image: &[f32], padded: &mut [f32]) {
+fn to_padded_channels_last(g: &Geometry, image: &[f32], padded: &mut [f32]) {
+    pad_image(g, ImageLayout::Planes, image, padded)
+}
+
+/// Copies one image in `layout` into `padded` (`[h + 2·pad, w + 2·pad, c]`, channels last),
+/// leaving the border zero.
+pub(super) fn pad_image(g: &Geometry, layout: ImageLayout, image: &[f32], padded: &mut [f32]) {
     let (c, h, w, p) = (g.channels, g.h, g.w, g.pad);
     let row_len = (w + 2 * p) * c;
     padded
@@ -504,9 +475,16 @@ pub(super) fn to_padded_channels_last(g: &Geometry, image: &[f32], padded: &mut 
             }
             row[..p * c].fill(0.0);
             row[(w + p) * c..].fill(0.0);
-            // Row y of every channel plane, as the pixels of the padded row.
             let y = y - p;
-            transpose_into(image, (y * w, h * w), row, (p * c, c), c, w, None);
+            match layout {
+                // Row y of every channel plane, as the pixels of the padded row.
+                ImageLayout::Planes => {
+                    transpose_into(image, (y * w, h * w), row, (p * c, c), c, w, None)
+                }
+                ImageLayout::Pixels => {
+                    row[p * c..(w + p) * c].copy_from_slice(&image[y * w * c..(y + 1) * w * c])
+                }
+            }
         });
 }
 

@@ -38,6 +38,8 @@ use std::sync::{Arc, OnceLock};
 mod channels_last;
 mod winograd;
 
+use channels_last::ImageLayout;
+
 pub(crate) use channels_last::transpose_into;
 
 use crate::nhwc::Nhwc;
@@ -465,13 +467,13 @@ pub(crate) fn conv2d_nhwc(
     let data = if crate::runtime::winograd() && winograd::pays_off(&g) {
         cache.with_winograd_filters(weight, |u| {
             with_optional_f32_data(bias, |b| {
-                winograd::conv2d_forward_pixels(&g, &xs.data, u, co, b)
+                winograd::conv2d_forward(&g, &xs.data, u, co, b, ImageLayout::Pixels)
             })
         })?
     } else if prefers_channels_last(g.oh * g.ow, co) {
         with_f32_data(&tap_major_matrix(weight)?, |w| {
             with_optional_f32_data(bias, |b| {
-                channels_last::conv2d_forward_pixels(&g, &xs.data, w, co, b)
+                channels_last::conv2d_forward(&g, &xs.data, w, co, b, ImageLayout::Pixels)
             })
         })?
     } else {
@@ -544,7 +546,7 @@ fn conv2d_limited(
         let fresh = WeightCache::default();
         return cache.unwrap_or(&fresh).with_winograd_filters(weight, |u| {
             untracked_channels_last(xs, u, bias, shape, |x, u, b| {
-                winograd::conv2d_forward(&g, x, u, co, b)
+                winograd::conv2d_forward(&g, x, u, co, b, ImageLayout::Planes)
             })
         });
     }
@@ -581,7 +583,7 @@ fn conv2d_limited(
     }
     with_f32_data(&wmat, |wmat| {
         untracked_channels_last(&xs, wmat, bias, shape, |x, w, b| {
-            channels_last::conv2d_forward(&g, x, w, co, b)
+            channels_last::conv2d_forward(&g, x, w, co, b, ImageLayout::Planes)
         })
     })
 }
@@ -821,14 +823,14 @@ impl ConvOp {
         if self.by_winograd(g) {
             let (co, _) = l2.shape().dims2()?;
             let u = winograd::transformed_tap_major(w, g.channels, co);
-            let ys = winograd::conv2d_forward(g, x, &u, co, bias)?;
+            let ys = winograd::conv2d_forward(g, x, &u, co, bias, ImageLayout::Planes)?;
             return Ok((ys, Shape::from((n, co, g.oh, g.ow))));
         }
         if self.channels_last(l2.shape().dims2()?) {
             return match self.kind {
                 Kind::Conv => {
                     let (co, _) = l2.shape().dims2()?;
-                    let ys = channels_last::conv2d_forward(g, x, w, co, bias)?;
+                    let ys = channels_last::conv2d_forward(g, x, w, co, bias, ImageLayout::Planes)?;
                     Ok((ys, Shape::from((n, co, g.oh, g.ow))))
                 }
                 Kind::Transposed => {
@@ -971,7 +973,9 @@ impl CustomOp2 for ConvOp {
                         Some(gg) => {
                             let gw = channels_last::conv2d_weight_gradient(&g, x, w, co, gy)?;
                             let u = winograd::transformed_input_gradient(w, g.channels, co);
-                            let gx = winograd::conv2d_forward(gg, gy, &u, g.channels, None)?;
+                            let layout = ImageLayout::Planes;
+                            let gx =
+                                winograd::conv2d_forward(gg, gy, &u, g.channels, None, layout)?;
                             Ok((gx, gw))
                         }
                         None => channels_last::conv2d_backward(&g, x, w, co, gy),
@@ -1252,7 +1256,7 @@ mod tests {
                     co,
                     Some(&bias),
                     band_bytes,
-                    channels_last::ImageLayout::Planes,
+                    ImageLayout::Planes,
                 )
                 .unwrap();
                 assert_eq!(ours, expected, "{g:?}, bands of {band_bytes} bytes");
@@ -1264,7 +1268,7 @@ mod tests {
                     co,
                     Some(&bias),
                     band_bytes,
-                    channels_last::ImageLayout::Pixels,
+                    ImageLayout::Pixels,
                 )
                 .unwrap();
                 assert_eq!(

@@ -271,30 +271,19 @@ fn untransform_tile_row(m: &[f32], tiles: usize, co: usize, t0: usize, dst: &mut
     });
 }
 
-/// The convolution of `n` NCHW images `xs` (`[n, c, h, w]`) with the filters whose
-/// [`transformed_filters`] are `u`, plus `bias[o]` when given, for a geometry where [`applies`]
-/// holds.
-/// Returns the NCHW output `[n, co, h, w]` as a flat vector.
+/// The convolution of `n` images `xs` in `layout` (NCHW `[n, c, h, w]` or channels last) with
+/// the filters whose [`transformed_filters`] are `u`, plus `bias[o]` when given, for a geometry
+/// where [`applies`] holds. Returns the output in the same layout as a flat vector; either
+/// layout gives the same bits.
 pub(super) fn conv2d_forward(
     g: &Geometry,
     xs: &[f32],
     u: &[f32],
     co: usize,
     bias: Option<&[f32]>,
+    layout: ImageLayout,
 ) -> candle_core::Result<Vec<f32>> {
-    conv2d_forward_banded(g, xs, u, co, bias, BAND_BYTES, ImageLayout::Planes)
-}
-
-/// [`conv2d_forward`] of channels-last images: `xs` is `[n, h, w, c]`, the result
-/// `[n, h, w, co]`; the same arithmetic, so the same bits as the NCHW convolution.
-pub(super) fn conv2d_forward_pixels(
-    g: &Geometry,
-    xs: &[f32],
-    u: &[f32],
-    co: usize,
-    bias: Option<&[f32]>,
-) -> candle_core::Result<Vec<f32>> {
-    conv2d_forward_banded(g, xs, u, co, bias, BAND_BYTES, ImageLayout::Pixels)
+    conv2d_forward_banded(g, xs, u, co, bias, BAND_BYTES, layout)
 }
 
 /// [`conv2d_forward`] with bands of tile rows whose transformed inputs and products take about
@@ -450,7 +439,9 @@ mod tests {
             let bias = ramp(co, 3);
             let wmat = tap_major(&weight, c, co);
             let u = transformed_filters(&weight, c, co);
-            let direct = channels_last::conv2d_forward(&g, &xs, &wmat, co, Some(&bias)).unwrap();
+            let direct =
+                channels_last::conv2d_forward(&g, &xs, &wmat, co, Some(&bias), ImageLayout::Planes)
+                    .unwrap();
             let fast =
                 conv2d_forward_banded(&g, &xs, &u, co, Some(&bias), band, ImageLayout::Planes)
                     .unwrap();
@@ -494,9 +485,10 @@ mod tests {
         let xs = ramp(c * h * w, 4);
         let weight: Vec<f32> = ramp(co * 9 * c, 5).iter().map(|v| v * 0.05).collect();
         let wmat = tap_major(&weight, c, co);
-        let direct = channels_last::conv2d_forward(&g, &xs, &wmat, co, None).unwrap();
+        let direct =
+            channels_last::conv2d_forward(&g, &xs, &wmat, co, None, ImageLayout::Planes).unwrap();
         let u = transformed_filters(&weight, c, co);
-        let fast = conv2d_forward(&g, &xs, &u, co, None).unwrap();
+        let fast = conv2d_forward(&g, &xs, &u, co, None, ImageLayout::Planes).unwrap();
         let (mut worst_direct, mut worst_fast, mut largest) = (0f64, 0f64, 0f64);
         for o in 0..co {
             for y in 0..h {
@@ -551,12 +543,15 @@ mod tests {
             &[0.0; 64],
             1,
             None,
+            ImageLayout::Planes,
         )
         .unwrap_err();
         assert!(err.to_string().contains("multiples of 4"), "{err}");
-        let err = conv2d_forward(&g, &[0.0; 10], &[0.0; 64], 1, None).unwrap_err();
+        let err =
+            conv2d_forward(&g, &[0.0; 10], &[0.0; 64], 1, None, ImageLayout::Planes).unwrap_err();
         assert!(err.to_string().contains("not whole"), "{err}");
-        let err = conv2d_forward(&g, &[0.0; 256], &[0.0; 36], 1, None).unwrap_err();
+        let err =
+            conv2d_forward(&g, &[0.0; 256], &[0.0; 36], 1, None, ImageLayout::Planes).unwrap_err();
         assert!(err.to_string().contains("transformed filter"), "{err}");
     }
 }
