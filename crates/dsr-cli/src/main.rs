@@ -33,7 +33,7 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Compute the 3×3 convolutions directly instead of by Winograd's algorithm (inference, and
-    /// the forward and input gradient in training): each output then is the dot product
+    /// the forward and both gradients in training): each output then is the dot product
     /// PyTorch's CPU convolution computes, summed in the same order (about 2× slower
     /// inference; see docs/performance.md).
     #[arg(long, global = true)]

@@ -29,7 +29,7 @@ static WINOGRAD: AtomicBool = AtomicBool::new(true);
 /// Winograd's F(4×4, 3×3) (on, the default: 4× fewer multiplications, a larger rounding error
 /// that stays within the reference tolerances) or directly (off: each output the same dot
 /// product, summed in the same order, as PyTorch's CPU convolution). In training it covers the
-/// forward and the input gradient of such layers; weight gradients are always direct products.
+/// forward, the input gradient and the weight gradient of such layers.
 /// Applies to convolutions started after the call.
 pub fn set_winograd(on: bool) {
     WINOGRAD.store(on, Ordering::Relaxed);

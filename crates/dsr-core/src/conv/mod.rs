@@ -20,7 +20,7 @@
 //! at least 32 input channels and at least 16×16 pixels whose sides are multiples of 4 use
 //! Winograd's F(4×4, 3×3) instead (`winograd`: 4× fewer multiplications, a larger rounding
 //! error that stays within the reference tolerances), for the forward and, in training, for
-//! the input gradient of channels-last layers.
+//! the input and weight gradients of channels-last layers.
 //!
 //! At inference the U-Nets and the subspace restriction networks keep their activations
 //! channels last between layers (the crate's `nhwc` module); `conv2d_nhwc` runs the same
@@ -971,7 +971,10 @@ impl CustomOp2 for ConvOp {
                 with_f32_data(&wmat, |w| {
                     with_f32_data(&grad, |gy| match &winograd_gradient {
                         Some(gg) => {
-                            let gw = channels_last::conv2d_weight_gradient(&g, x, w, co, gy)?;
+                            let gw = match self.by_winograd(&g) {
+                                true => winograd::weight_gradient(&g, x, gy, co)?,
+                                false => channels_last::conv2d_weight_gradient(&g, x, w, co, gy)?,
+                            };
                             let u = winograd::transformed_input_gradient(w, g.channels, co);
                             let layout = ImageLayout::Planes;
                             let gx =
