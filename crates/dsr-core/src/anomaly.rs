@@ -184,6 +184,36 @@ fn rank_picks<T: Copy + Send + Sync>(
         .collect()
 }
 
+/// [`rank_picks`] of f32 distances, ordered by `f32::total_cmp` and then index as there, but
+/// selected among integer keys (the distance's bits mapped to an unsigned integer of the same
+/// order, the index below them): the same picks, without the indirect comparisons, which took
+/// 5 % of a phase-2 step.
+fn rank_picks_f32(dist: &[f32], k: usize, skip: usize, draws: &[usize]) -> Vec<u32> {
+    /// An unsigned integer ordered as `f32::total_cmp` orders the floats.
+    fn ordered_bits(v: f32) -> u32 {
+        let bits = v.to_bits() as i32;
+        // total_cmp's own mapping to a signed order, then the sign bit flipped.
+        let signed = bits ^ ((((bits >> 31) as u32) >> 1) as i32);
+        (signed as u32) ^ 0x8000_0000
+    }
+    dist.par_chunks(k)
+        .zip(draws.par_iter())
+        .map_init(
+            || Vec::with_capacity(k),
+            |keys: &mut Vec<u64>, (row, &r)| {
+                keys.clear();
+                keys.extend(
+                    row.iter()
+                        .enumerate()
+                        .map(|(i, &v)| (u64::from(ordered_bits(v)) << 32) | i as u64),
+                );
+                let (_, nth, _) = keys.select_nth_unstable(skip + r);
+                *nth as u32
+            },
+        )
+        .collect()
+}
+
 /// Number of candidate codes for strength `s` and a codebook of `k` codes:
 /// `topk = max(1, min(⌊s·K⌋ + 1, K − 1))` minus the `⌊0.05·K⌋` nearest ones (at least 1).
 pub fn candidate_count(strength: f32, k: usize) -> (usize, usize) {
@@ -233,7 +263,7 @@ pub fn fake_anomalies(
         let (skip, candidates) = candidate_count(s, k);
         let draws = rng.below(hw, candidates)?;
         let picks = match dist.dtype() {
-            DType::F32 => rank_picks(&dist.to_vec1::<f32>()?, k, skip, &draws, f32::total_cmp),
+            DType::F32 => rank_picks_f32(&dist.to_vec1::<f32>()?, k, skip, &draws),
             _ => rank_picks(
                 &dist.to_dtype(DType::F64)?.to_vec1::<f64>()?,
                 k,
@@ -257,4 +287,42 @@ pub fn fake_anomalies(
         embeddings,
         picked_codes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integer_keys_pick_the_codes_total_cmp_picks() {
+        // Rows with ties, both zeros, small negatives (squared distances by expansion can round
+        // below zero), NaN and infinities; every rank of each row.
+        let k = 24;
+        let special = [
+            0.0f32,
+            -0.0,
+            1e-7,
+            -1e-7,
+            f32::NAN,
+            f32::INFINITY,
+            f32::MIN_POSITIVE,
+        ];
+        let dist: Vec<f32> = (0..k * 40)
+            .map(|i| match (i * 7919) % 13 {
+                0..=6 => special[(i * 31) % special.len()],
+                j => ((i * 104_729) % 5) as f32 * 0.5 - j as f32 * 0.125,
+            })
+            .collect();
+        for skip in [0, 3] {
+            for r in 0..k - skip {
+                let draws = vec![r; 40];
+                let expected = rank_picks(&dist, k, skip, &draws, f32::total_cmp);
+                assert_eq!(
+                    rank_picks_f32(&dist, k, skip, &draws),
+                    expected,
+                    "rank {skip} + {r}"
+                );
+            }
+        }
+    }
 }
