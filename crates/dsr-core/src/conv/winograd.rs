@@ -184,14 +184,7 @@ fn split<const K: usize>(s: &mut [f32], len: usize) -> [&mut [f32]; K] {
 fn b_transpose(x: [&[f32]; IN], y: [&mut [f32]; IN]) {
     let c = y[0].len();
     let [x0, x1, x2, x3, x4, x5] = x.map(|x| &x[..c]);
-    let [y0, y1, y2, y3, y4, y5] = y;
-    let (y1, y2, y3, y4, y5) = (
-        &mut y1[..c],
-        &mut y2[..c],
-        &mut y3[..c],
-        &mut y4[..c],
-        &mut y5[..c],
-    );
+    let [y0, y1, y2, y3, y4, y5] = y.map(|y| &mut y[..c]);
     for ch in 0..c {
         let (a, b) = (x4[ch] - 4.0 * x2[ch], x3[ch] - 4.0 * x1[ch]);
         let (p, q) = (x4[ch] - x2[ch], 2.0 * (x3[ch] - x1[ch]));
@@ -210,8 +203,7 @@ fn b_transpose(x: [&[f32]; IN], y: [&mut [f32]; IN]) {
 fn a_transpose(x: [&[f32]; IN], y: [&mut [f32]; OUT]) {
     let c = y[0].len();
     let [x0, x1, x2, x3, x4, x5] = x.map(|x| &x[..c]);
-    let [y0, y1, y2, y3] = y;
-    let (y1, y2, y3) = (&mut y1[..c], &mut y2[..c], &mut y3[..c]);
+    let [y0, y1, y2, y3] = y.map(|y| &mut y[..c]);
     for ch in 0..c {
         let (s12, d12) = (x1[ch] + x2[ch], x1[ch] - x2[ch]);
         let (s34, d34) = (x3[ch] + x4[ch], x3[ch] - x4[ch]);
@@ -396,14 +388,7 @@ pub(super) fn conv2d_forward_banded(
 fn a_adjoint(x: [&[f32]; OUT], y: [&mut [f32]; IN]) {
     let c = y[0].len();
     let [x0, x1, x2, x3] = x.map(|x| &x[..c]);
-    let [y0, y1, y2, y3, y4, y5] = y;
-    let (y1, y2, y3, y4, y5) = (
-        &mut y1[..c],
-        &mut y2[..c],
-        &mut y3[..c],
-        &mut y4[..c],
-        &mut y5[..c],
-    );
+    let [y0, y1, y2, y3, y4, y5] = y.map(|y| &mut y[..c]);
     for ch in 0..c {
         let (s02, s13) = (x0[ch] + x2[ch], x1[ch] + x3[ch]);
         let (f02, f13) = (x0[ch] + 4.0 * x2[ch], 2.0 * x1[ch] + 8.0 * x3[ch]);
