@@ -238,6 +238,15 @@ fn transform_tile_row(padded: &[f32], c: usize, wp: usize, ty: usize, dst: &mut 
     });
 }
 
+/// `V = Bᵀ d B` of the tiles of the tile rows from `ty0` on that `v` (`[tiles, 36, c]`) holds,
+/// from the padded channels-last image `padded`; one tile row per job.
+fn transform_band(g: &Geometry, padded: &[f32], ty0: usize, v: &mut [f32]) {
+    let (c, tw) = (g.channels, g.w / OUT);
+    v.par_chunks_exact_mut(tw * BLOCK * c)
+        .enumerate()
+        .for_each(|(r, dst)| transform_tile_row(padded, c, g.w + 2, ty0 + r, dst));
+}
+
 /// Transforms the summed products of one row of tiles back: `m` is `[36, tiles, co]` for the
 /// whole band, `t0` the band's first tile of this row; `dst` receives the row's four output
 /// rows (`[4, ow, co]`, pixel-major).
@@ -262,6 +271,15 @@ fn untransform_tile_row(m: &[f32], tiles: usize, co: usize, t0: usize, dst: &mut
             }
         }
     });
+}
+
+/// Tile rows per band for `c` → `co` channels: as many as keep the band's transformed inputs
+/// and products near `band_bytes` (at least one), in bands of equal size (a short last band
+/// would repeat the products' fixed costs, packing the `[c, co]` filters, for a few tiles).
+fn band_tile_rows(g: &Geometry, co: usize, band_bytes: usize) -> usize {
+    let (th, tw) = (g.h / OUT, g.w / OUT);
+    let most_rows = (band_bytes / (BLOCK * tw * (g.channels + co) * 4).max(1)).clamp(1, th);
+    th.div_ceil(th.div_ceil(most_rows))
 }
 
 /// The convolution of `n` images `xs` in `layout` (NCHW `[n, c, h, w]` or channels last) with
@@ -315,10 +333,7 @@ pub(super) fn conv2d_forward_banded(
     }
     let n = xs.len() / image_len;
     let (th, tw) = (h / OUT, w / OUT);
-    // Bands of equal size: a short last band would repeat the products' fixed costs (packing
-    // the `[c, co]` filters) for a few tiles.
-    let most_rows = (band_bytes / (BLOCK * tw * (c + co) * 4).max(1)).clamp(1, th);
-    let band_tile_rows = th.div_ceil(th.div_ceil(most_rows));
+    let band_tile_rows = band_tile_rows(g, co, band_bytes);
     let band_tiles = band_tile_rows * tw;
     let padded_len = (h + 2) * (w + 2) * c;
     let v_len = band_tiles * BLOCK * c;
@@ -338,11 +353,9 @@ pub(super) fn conv2d_forward_banded(
                 let rows = band_tile_rows.min(th - ty0);
                 let tiles = rows * tw;
                 let v = &mut v[..tiles * BLOCK * c];
-                v.par_chunks_exact_mut(tw * BLOCK * c)
-                    .enumerate()
-                    .for_each(|(r, dst)| transform_tile_row(padded, c, w + 2, ty0 + r, dst));
+                transform_band(g, padded, ty0, v);
                 let v = &*v;
-                // One product per block element, `[tiles, c] · [c, co]`, the 16 spread over
+                // One product per block element, `[tiles, c] · [c, co]`, the 36 spread over
                 // the threads (each is too small to be worth splitting).
                 let m = &mut m[..BLOCK * tiles * co];
                 m.par_chunks_exact_mut(tiles * co)
@@ -474,8 +487,7 @@ fn weight_gradient_banded(
         );
     }
     let (th, tw) = (h / OUT, w / OUT);
-    let most_rows = (band_bytes / (BLOCK * tw * (c + co) * 4).max(1)).clamp(1, th);
-    let band_tile_rows = th.div_ceil(th.div_ceil(most_rows));
+    let band_tile_rows = band_tile_rows(g, co, band_bytes);
     let band_tiles = band_tile_rows * tw;
     let padded_len = (h + 2) * (w + 2) * c;
     let gy_len = h * w * co;
@@ -501,9 +513,7 @@ fn weight_gradient_banded(
                 let rows = band_tile_rows.min(th - ty0);
                 let tiles = rows * tw;
                 let v = &mut v[..tiles * BLOCK * c];
-                v.par_chunks_exact_mut(tw * BLOCK * c)
-                    .enumerate()
-                    .for_each(|(r, dst)| transform_tile_row(padded, c, w + 2, ty0 + r, dst));
+                transform_band(g, padded, ty0, v);
                 let dm = &mut dm[..tiles * BLOCK * co];
                 dm.par_chunks_exact_mut(tw * BLOCK * co)
                     .enumerate()
