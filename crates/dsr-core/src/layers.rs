@@ -89,7 +89,7 @@ impl Conv2d {
     /// Whether the weight and bias are f32 CPU tensors outside any autograd graph (loaded
     /// weights, not training variables): what the channels-last inference path needs.
     pub(crate) fn is_plain(&self) -> bool {
-        let plain = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
+        let plain = crate::conv::is_plain_f32_cpu;
         plain(&self.weight) && self.bias.as_ref().is_none_or(plain)
     }
 

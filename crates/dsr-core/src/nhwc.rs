@@ -14,10 +14,10 @@
 //! show after rounding to f32 in practice), so the U-Net's outputs are those of the NCHW path
 //! (`unet` tests compare both).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use crate::conv::with_f32_data;
+use crate::conv::{is_plain_f32_cpu, with_f32_data};
 use crate::layers::{Conv2d, Taps, INSTANCE_NORM_EPS};
 
 /// A batch of `n` images of `h`×`w` pixels with `c` channels, channels last: the value of
@@ -41,8 +41,8 @@ impl Nhwc {
     /// f32 `[n, c, h, w]` CPU tensor outside any autograd graph, every weight plain
     /// ([`Conv2d::is_plain`]).
     pub(crate) fn suits<'a>(xs: &Tensor, convs: impl IntoIterator<Item = &'a Conv2d>) -> bool {
-        let input = xs.device().is_cpu() && xs.dtype() == DType::F32 && xs.rank() == 4;
-        input && !xs.track_op() && convs.into_iter().all(Conv2d::is_plain)
+        let input = is_plain_f32_cpu(xs) && xs.rank() == 4;
+        input && convs.into_iter().all(Conv2d::is_plain)
     }
 
     /// The NCHW tensor `xs` (f32, CPU), channels last.

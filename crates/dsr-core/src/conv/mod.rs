@@ -325,6 +325,12 @@ fn with_optional_f32_data<R>(
     }
 }
 
+/// Whether `t` is an f32 CPU tensor outside any autograd graph: what the channels-last
+/// inference path takes (inputs, weights and biases).
+pub(crate) fn is_plain_f32_cpu(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op()
+}
+
 /// Whether `bias` can be added inside the CPU kernels: an f32 vector on the CPU.
 fn f32_cpu_vector(bias: &Tensor) -> bool {
     bias.dtype() == DType::F32 && bias.device().is_cpu() && bias.rank() == 1
@@ -459,8 +465,7 @@ pub(crate) fn conv2d_nhwc(
             xs.c
         );
     }
-    let plain = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
-    if !plain(weight) || !bias.is_none_or(plain) {
+    if !is_plain_f32_cpu(weight) || !bias.is_none_or(is_plain_f32_cpu) {
         candle_core::bail!("conv2d: channels-last images need untracked f32 CPU weights");
     }
     let g = Geometry::new(true, ci, (xs.h, xs.w), (kh, kw), stride, padding)?;
@@ -600,9 +605,8 @@ fn untracked_channels_last(
     kernel: impl Fn(&[f32], &[f32], Option<&[f32]>) -> candle_core::Result<Vec<f32>>,
 ) -> candle_core::Result<Tensor> {
     let f32_bias = bias.filter(|b| f32_cpu_vector(b));
-    let ys = with_f32_data(xs, |x| match f32_bias {
-        Some(b) => with_f32_data(b, |b| kernel(x, weights, Some(b))),
-        None => kernel(x, weights, None),
+    let ys = with_f32_data(xs, |x| {
+        with_optional_f32_data(f32_bias, |b| kernel(x, weights, b))
     })?;
     let ys = Tensor::from_vec(ys, shape, &Device::Cpu)?;
     match f32_bias {
