@@ -49,21 +49,18 @@ impl Nhwc {
     pub(crate) fn from_tensor(xs: &Tensor) -> candle_core::Result<Self> {
         let (n, c, h, w) = xs.dims4()?;
         let mut data = vec![0f32; n * c * h * w];
-        with_f32_data(xs, |src| {
-            let plane = h * w;
-            if plane * c == 0 {
-                return Ok(());
-            }
-            // One pixel row of one image per job: row y of every plane, transposed.
-            data.par_chunks_exact_mut(w * c)
-                .enumerate()
-                .for_each(|(row, dst)| {
-                    let (image, y) = (row / h, row % h);
-                    let planes = &src[image * c * plane..];
-                    crate::conv::transpose_into(planes, (y * w, plane), dst, (0, c), c, w, None);
-                });
-            Ok(())
-        })?;
+        let image_len = c * h * w;
+        if image_len > 0 {
+            with_f32_data(xs, |src| {
+                for (image, dst) in src
+                    .chunks_exact(image_len)
+                    .zip(data.chunks_exact_mut(image_len))
+                {
+                    crate::conv::image_to_pixels(image, (c, h, w), dst);
+                }
+                Ok(())
+            })?;
+        }
         Ok(Self { data, n, h, w, c })
     }
 

@@ -453,6 +453,13 @@ pub(super) fn add_bias_pixels(values: &mut [f32], bias: Option<&[f32]>) {
     });
 }
 
+/// One NCHW image (`[c, h, w]`) channels last into `dst` (`[h, w, c]`), a pixel row per job.
+pub(crate) fn image_to_pixels(image: &[f32], (c, h, w): (usize, usize, usize), dst: &mut [f32]) {
+    dst.par_chunks_exact_mut(w * c)
+        .enumerate()
+        .for_each(|(y, row)| transpose_into(image, (y * w, h * w), row, (0, c), c, w, None));
+}
+
 /// Copies one NCHW image into `padded` (`[h + 2·pad, w + 2·pad, c]`, channels last), leaving
 /// the border zero.
 fn to_padded_channels_last(g: &Geometry, image: &[f32], padded: &mut [f32]) {

@@ -40,7 +40,7 @@ mod winograd;
 
 use channels_last::ImageLayout;
 
-pub(crate) use channels_last::transpose_into;
+pub(crate) use channels_last::{image_to_pixels, transpose_into};
 
 use crate::nhwc::Nhwc;
 

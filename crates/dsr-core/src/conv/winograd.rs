@@ -28,7 +28,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::channels_last::{
-    add_bias_pixels, matmul, pad_image, scatter_band, transpose_into, with_scratch, ImageLayout,
+    add_bias_pixels, image_to_pixels, matmul, pad_image, scatter_band, with_scratch, ImageLayout,
     View,
 };
 use super::{check_bias, Geometry};
@@ -502,12 +502,7 @@ fn weight_gradient_banded(
         let mut first = true;
         for (image, gy_image) in xs.chunks_exact(image_len).zip(gy.chunks_exact(co * h * w)) {
             pad_image(g, ImageLayout::Planes, image, padded);
-            gy_pixels
-                .par_chunks_exact_mut(w * co)
-                .enumerate()
-                .for_each(|(y, row)| {
-                    transpose_into(gy_image, (y * w, h * w), row, (0, co), co, w, None)
-                });
+            image_to_pixels(gy_image, (co, h, w), gy_pixels);
             let gy_pixels = &*gy_pixels;
             for ty0 in (0..th).step_by(band_tile_rows) {
                 let rows = band_tile_rows.min(th - ty0);
