@@ -4,20 +4,14 @@
 //!
 //! `cargo bench -p dsr-core --bench conv -- --warm-up-time 1 --measurement-time 3`
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
 use dsr_core::conv::{conv2d, conv_transpose2d};
-use rand::{Rng, SeedableRng};
 
-/// Uniform values in [−scale, scale) from a seeded generator.
-fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+// The tests' seeded random inputs (`random`).
+#[path = "../tests/common.rs"]
+mod common;
+use common::random;
 
 /// Which implementation a benchmark runs.
 #[derive(Debug, Clone, Copy)]
