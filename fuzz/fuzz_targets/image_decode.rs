@@ -9,10 +9,10 @@ fuzz_target!(|data: &[u8]| {
     if std::fs::write(&path, data).is_err() {
         return;
     }
-    if let Ok(img) = dsr_train::data::decode_checked(&path, 4 << 20) {
-        let rgb = dsr_train::data::image_to_chw(&img, 8, 8);
+    if let Ok(img) = dsr_eval::image::decode_checked(&path, 4 << 20) {
+        let rgb = dsr_eval::image::image_to_chw(&img, 8, 8);
         assert!(rgb.iter().all(|v| (0.0..=1.0).contains(v)));
-        let mask = dsr_train::data::mask_to_binary(&img, 8, 8);
+        let mask = dsr_eval::image::mask_to_binary(&img, 8, 8);
         assert!(mask.iter().all(|&v| v == 0.0 || v == 1.0));
     }
 });

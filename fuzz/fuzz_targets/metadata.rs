@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         _ => {
-            if let Ok(p) = dsr_train::postprocess::PostProcessor::from_json(&value) {
+            if let Ok(p) = dsr_eval::postprocess::PostProcessor::from_json(&value) {
                 assert!((0.0..=1.0).contains(&p.normalize_score(0.5)));
             }
         }

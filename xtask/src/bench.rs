@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: the performance table of the default model (images/s, seconds per
 //! training step, peak RSS), each figure measured in its own process by the `bench` example of
-//! dsr-train, optionally beside anomalib's PyTorch model timed the same way by
+//! the root package (`benches/pipeline.rs`), optionally beside anomalib's PyTorch model timed the same way by
 //! `xtask/bench/torch_reference.py`, and optionally the criterion benches first.
 
 use std::path::{Path, PathBuf};
@@ -12,7 +12,7 @@ use serde_json::Value;
 pub const USAGE: &str =
     "usage: cargo xtask bench [--quick] [--torch PYTHON] [--criterion] [--repeat N] [--json OUT]
 
-Builds the dsr-train `bench` example in release mode and runs one process per
+Builds the `bench` example (benches/pipeline.rs) in release mode and runs one process per
 measurement of the default model at 256x256: inference at batch 1 and 8, a
 phase-2 and a phase-3 training step at batch 8. Prints images/s, seconds per
 step and peak RSS (VmHWM of the measuring process).
@@ -23,7 +23,7 @@ step and peak RSS (VmHWM of the measuring process).
                  `pip install torch anomalib==2.7.0`; DSR_BENCH_PYTHON works
                  too) and print the ratios
   --criterion    run the criterion benches first: network parts and whole
-                 forward, convolutions (dsr-core), training steps (dsr-train)
+                 forward and training steps (benches/), convolutions (dsr-core)
   --repeat N     timed calls per measurement after one warm-up (default 3;
                  the median is reported)
   --json OUT     also write every measurement as JSON to OUT
@@ -33,9 +33,9 @@ step and peak RSS (VmHWM of the measuring process).
 /// convolutions, the training steps.
 const CRITERION: [&[&str]; 2] = [
     &[
-        "bench", "-p", "dsr-core", "--bench", "network", "--bench", "conv",
+        "bench", "-p", "dsr-rs", "--bench", "network", "--bench", "steps",
     ],
-    &["bench", "-p", "dsr-train", "--bench", "steps"],
+    &["bench", "-p", "dsr-core", "--bench", "conv"],
 ];
 
 /// Options of `cargo xtask bench`.
@@ -198,14 +198,7 @@ pub fn run(opts: &Options) -> Result<()> {
     println!("building the bench example (release)…");
     let status = Command::new(cargo)
         .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "dsr-train",
-            "--example",
-            "bench",
-        ])
+        .args(["build", "--release", "-p", "dsr-rs", "--example", "bench"])
         .status()
         .context("cannot run cargo build")?;
     if !status.success() {

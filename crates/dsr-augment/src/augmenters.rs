@@ -1,4 +1,4 @@
-//! The ten texture augmenters of anomalib's `PerlinAnomalyGenerator` (spec §6.1), with torchvision
+//! The ten texture augmenters of anomalib's `PerlinAnomalyGenerator`, with torchvision
 //! semantics on float CHW RGB planes.
 //!
 //! The texture they act on is `0.5 · noise + 0.25`, so values outside [0, 1] occur away from the mask;

@@ -1,4 +1,4 @@
-//! Phase-2 masks: thresholded, rotated Perlin noise (spec §5).
+//! Phase-2 masks: thresholded, rotated Perlin noise.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -1,4 +1,4 @@
-//! Phase-3 image-level anomalies ("smudges", spec §6).
+//! Phase-3 image-level anomalies ("smudges").
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

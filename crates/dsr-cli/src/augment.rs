@@ -13,18 +13,25 @@ use rand_chacha::ChaCha8Rng;
 use crate::io::{png_bytes, write_file};
 
 /// The options of `dsr augment`.
+#[derive(Debug, clap::Args)]
 pub struct AugmentArgs {
-    /// A category folder (`train/good` is used when present) or a folder of images.
+    /// A category folder (its train/good is used) or a folder of images.
+    #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
-    /// The recipe.
+    /// The recipe: original or anomalib.
+    #[arg(long, value_name = "RECIPE", default_value = "original")]
     pub recipe: Recipe,
     /// Samples per grid.
+    #[arg(long, value_name = "N", default_value_t = 16)]
     pub n: usize,
     /// The output folder.
+    #[arg(long, value_name = "DIR", default_value = "augment-preview")]
     pub out: PathBuf,
-    /// Image side.
+    /// Image side (a multiple of 32).
+    #[arg(long, value_name = "PX", default_value_t = 256)]
     pub size: usize,
     /// Seed.
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub seed: u64,
 }
 

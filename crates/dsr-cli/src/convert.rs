@@ -10,7 +10,7 @@ use dsr_core::weights::{
     META_CONVERTED_FROM, META_IMAGE_SIZE, META_PARTIAL,
 };
 use dsr_core::DsrConfig;
-use dsr_train::postprocess::{PostProcessor, METADATA_KEY};
+use dsr_eval::postprocess::{PostProcessor, METADATA_KEY};
 
 /// Reads a configuration from a JSON file holding either the configuration object itself or an
 /// object with a `config` field (as the parity fixtures do).

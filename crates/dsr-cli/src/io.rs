@@ -1,80 +1,10 @@
-//! Image loading and output files: inputs at the model size (through dsr-train's data module, so
-//! that training and inference share one pre-processing path), `.npy` maps, PNG encoding and
-//! atomic writes.
+//! Output files: `.npy` maps, PNG encoding, base64 for the report, atomic writes (images are read
+//! through dsr-eval's image module, the pre-processing of training and inference alike).
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use dsr_train::data::{decode_checked, image_to_chw, mask_to_binary, DEFAULT_MAX_PIXELS};
 use image::RgbImage;
-
-/// An input image as the model sees it: RGB in `[0, 1]`, channel-major, at the model size.
-pub struct ModelImage {
-    /// `3 × height × width` values, channel after channel.
-    pub chw: Vec<f32>,
-    /// The image at the model size, for the overlays.
-    pub rgb: RgbImage,
-    /// The size of the file before resizing, `[height, width]`.
-    pub original_size: [usize; 2],
-}
-
-/// Decodes `path` (any channel count or bit depth) and resizes it to `size` = `[height, width]`
-/// as dsr-train's data module does; an image already at that size is used as is. Images of more
-/// than [`DEFAULT_MAX_PIXELS`] pixels are refused from their header.
-pub fn load_image(path: &Path, size: [usize; 2]) -> Result<ModelImage> {
-    load_image_limited(path, size, DEFAULT_MAX_PIXELS)
-}
-
-/// [`load_image`] with another pixel limit: an image of more than `max_pixels` pixels (width ×
-/// height, read from its header) is refused before it is decoded.
-pub fn load_image_limited(path: &Path, size: [usize; 2], max_pixels: u64) -> Result<ModelImage> {
-    let img = decode_checked(path, max_pixels)?;
-    let original_size = [img.height() as usize, img.width() as usize];
-    let chw = image_to_chw(&img, size[0] as u32, size[1] as u32);
-    let plane = size[0] * size[1];
-    let mut rgb = RgbImage::new(size[1] as u32, size[0] as u32);
-    for (i, p) in rgb.pixels_mut().enumerate() {
-        for (c, v) in p.0.iter_mut().enumerate() {
-            *v = (chw[c * plane + i] * 255.0).round() as u8;
-        }
-    }
-    Ok(ModelImage {
-        chw,
-        rgb,
-        original_size,
-    })
-}
-
-/// Reads a ground-truth mask at `size` (nearest-neighbour; binarised as dsr-train's data module
-/// does: defective where the brightest channel reaches half the full scale, or where a 0/1 label
-/// image holds 1). Masks of more than `max_pixels` pixels are refused from their header.
-/// The mask must have the size of its image, `image_size` = `[height, width]` of the file
-/// `image` (a mask of another size would be stretched onto the wrong pixels).
-pub fn load_mask(
-    path: &Path,
-    size: [usize; 2],
-    max_pixels: u64,
-    image: &Path,
-    image_size: [usize; 2],
-) -> Result<Vec<bool>> {
-    let img = decode_checked(path, max_pixels).context("reading a ground-truth mask")?;
-    let mask_size = [img.height() as usize, img.width() as usize];
-    if mask_size != image_size {
-        anyhow::bail!(
-            "mask {} is {}x{} but its image {} is {}x{}",
-            path.display(),
-            mask_size[1],
-            mask_size[0],
-            image.display(),
-            image_size[1],
-            image_size[0]
-        );
-    }
-    Ok(mask_to_binary(&img, size[0] as u32, size[1] as u32)
-        .into_iter()
-        .map(|v| v > 0.5)
-        .collect())
-}
 
 /// Writes `bytes` to `path` atomically (temporary file in the same folder, then rename).
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -5,8 +5,8 @@
 mod augment;
 mod convert;
 mod evaluate;
+mod heap;
 mod io;
-mod model;
 mod predict;
 mod progress;
 mod render;
@@ -17,9 +17,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use dsr_core::weights::{load_checkpoint, META_CONFIG, META_IMAGE_SIZE};
-use dsr_train::postprocess::{PostProcessor, METADATA_KEY};
+use dsr_eval::postprocess::{PostProcessor, METADATA_KEY};
+use dsr_eval::{ConvAlgorithm, Execution, OnError};
 
 const EXIT_CODES: &str = "Exit codes:
   0  success
@@ -38,15 +39,6 @@ struct Cli {
     /// inference; see docs/performance.md).
     #[arg(long, global = true)]
     direct_conv: bool,
-}
-
-/// What to do with an input image that cannot be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OnError {
-    /// Report the file and the problem on standard error, and go on with the others.
-    Skip,
-    /// Stop at the first bad input with exit code 1.
-    Fail,
 }
 
 // Parsed once per process: the size of the largest variant (train's many options) costs nothing.
@@ -88,36 +80,7 @@ enum Command {
     /// <OUT>/predictions.csv and <OUT>/predictions.json. Every file is written atomically. When two
     /// inputs share a stem, the later ones get `_2`, `_3`, … appended.
     #[command(after_help = EXIT_CODES)]
-    Predict {
-        /// The checkpoint (its `dsr.image_size` sets the input size; default 256×256).
-        #[arg(long, value_name = "FILE")]
-        model: PathBuf,
-        /// Image files, folders (every image inside, sorted) or glob patterns (quote them).
-        #[arg(required = true, value_name = "PATHS")]
-        paths: Vec<String>,
-        /// The output folder (created if missing).
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
-        /// Write the raw anomaly maps in the .npy files even when the checkpoint stores a
-        /// post-processor. Default: normalised maps when it does, raw maps when it does not.
-        #[arg(long)]
-        raw: bool,
-        /// What to do with an input that cannot be read.
-        #[arg(long, value_enum, default_value_t = OnError::Skip)]
-        on_error: OnError,
-        /// Images per forward pass.
-        #[arg(long, value_name = "N", default_value_t = 8)]
-        batch: usize,
-        /// Continue an interrupted run into the same --out: images whose .png and .npy are
-        /// already there and complete (and recorded in <OUT>/predictions.jsonl) are not predicted
-        /// again, and the tables cover every image.
-        #[arg(long)]
-        resume: bool,
-        /// Refuse images of more pixels than this (width × height, read from the file header
-        /// before decoding).
-        #[arg(long, value_name = "N", default_value_t = dsr_train::data::DEFAULT_MAX_PIXELS)]
-        max_pixels: u64,
-    },
+    Predict(predict::PredictArgs),
     /// Evaluate on the test split of an MVTec-style folder (<data>/train/good/, <data>/test/<defect>/,
     /// <data>/ground_truth/<defect>/<stem>_mask.png): image AUROC and AP, pixel AUROC and AP,
     /// AUPRO (FPR ≤ 0.3), F1-max and F1 at the stored threshold, overall and per defect type.
@@ -126,32 +89,7 @@ enum Command {
     /// and worst examples). Without a post-processor in the checkpoint, F1 is computed at the
     /// F1-max threshold of the test set, and the outputs say so.
     #[command(after_help = EXIT_CODES)]
-    Test {
-        /// The checkpoint.
-        #[arg(long, value_name = "FILE")]
-        model: PathBuf,
-        /// The data set folder: a category folder, or the root holding categories (with
-        /// --category).
-        #[arg(long, value_name = "DIR")]
-        data: PathBuf,
-        /// The category sub-folder of --data. Default: --data is the category folder itself.
-        #[arg(long, value_name = "C")]
-        category: Option<String>,
-        /// The output folder (created if missing).
-        #[arg(long, value_name = "DIR", default_value = "results")]
-        out: PathBuf,
-        /// Images per forward pass.
-        #[arg(long, value_name = "N", default_value_t = 8)]
-        batch: usize,
-        /// What to do with a test image or mask that cannot be read: stop (fail), or leave the
-        /// sample out of the metrics and list it under `skipped` in metrics.json (skip).
-        #[arg(long, value_enum, default_value_t = OnError::Fail)]
-        on_error: OnError,
-        /// Refuse images and masks of more pixels than this (width × height, read from the file
-        /// header before decoding).
-        #[arg(long, value_name = "N", default_value_t = dsr_train::data::DEFAULT_MAX_PIXELS)]
-        max_pixels: u64,
-    },
+    Test(evaluate::TestArgs),
     /// Train DSR (phases 2 and 3, after phase 1 or with pretrained discrete weights) on an
     /// MVTec-style folder, then test it.
     ///
@@ -186,75 +124,20 @@ enum Command {
     /// Phase 1: pretrain the discrete latent model (encoders, EMA codebooks, general decoder)
     /// on a folder of images; the result loads like the official .pckl (`--vq-weights`).
     #[command(after_help = EXIT_CODES)]
-    Pretrain {
-        /// The image folder (searched recursively).
-        #[arg(long, value_name = "DIR")]
-        images: PathBuf,
-        /// The output file.
-        #[arg(long, value_name = "FILE", default_value = "vq.safetensors")]
-        out: PathBuf,
-        /// The model configuration (its discrete part is trained).
-        #[arg(long, value_enum, default_value_t = train::Preset::Reference)]
-        preset: train::Preset,
-        /// Steps.
-        #[arg(long, value_name = "N", default_value_t = 2000)]
-        steps: u64,
-        /// Side of the random square crops.
-        #[arg(long, value_name = "PX", default_value_t = 128)]
-        crop: usize,
-        /// Side the images are resized to before cropping.
-        #[arg(long, value_name = "PX", default_value_t = 256)]
-        load_size: usize,
-        /// Crops per step.
-        #[arg(long, value_name = "N", default_value_t = 16)]
-        batch: usize,
-        /// Seed.
-        #[arg(long, value_name = "N", default_value_t = 0)]
-        seed: u64,
-        /// The compute device.
-        #[arg(long, value_enum, default_value_t = train::DeviceArg::Cpu)]
-        device: train::DeviceArg,
-    },
+    Pretrain(train::PretrainArgs),
     /// Preview the synthetic anomalies: PNG grids of phase-2 masks and of phase-3 smudged
     /// images (contours of their masks) with their masks.
     #[command(after_help = EXIT_CODES)]
-    Augment {
-        /// A category folder (its train/good is used) or a folder of images.
-        #[arg(long, value_name = "DIR")]
-        data: PathBuf,
-        /// The recipe: original or anomalib.
-        #[arg(long, value_name = "RECIPE", default_value = "original")]
-        recipe: dsr_augment::Recipe,
-        /// Samples per grid.
-        #[arg(long, value_name = "N", default_value_t = 16)]
-        n: usize,
-        /// The output folder.
-        #[arg(long, value_name = "DIR", default_value = "augment-preview")]
-        out: PathBuf,
-        /// Image side (a multiple of 32).
-        #[arg(long, value_name = "PX", default_value_t = 256)]
-        size: usize,
-        /// Seed.
-        #[arg(long, value_name = "N", default_value_t = 0)]
-        seed: u64,
-    },
+    Augment(augment::AugmentArgs),
     /// The built-in demo: trains a small DSR on the battery_weld images shipped in
     /// assets/demo (phases 1-3, about 6 minutes on 2 cores), tests it and writes the report.
     #[command(after_help = EXIT_CODES)]
-    Demo {
-        /// Another data set folder (MVTec layout) instead of the shipped one.
-        #[arg(long, value_name = "DIR")]
-        data: Option<PathBuf>,
-        /// The results root.
-        #[arg(long, value_name = "DIR", default_value = "results")]
-        results: PathBuf,
-        /// A smoke run of a few steps at 64×64 (seconds; the model learns little).
-        #[arg(long)]
-        quick: bool,
-        /// The compute device.
-        #[arg(long, value_enum, default_value_t = train::DeviceArg::Cpu)]
-        device: train::DeviceArg,
-    },
+    Demo(train::DemoArgs),
+}
+
+/// Parses an error policy: fail or skip.
+fn parse_on_error(s: &str) -> std::result::Result<OnError, String> {
+    s.parse()
 }
 
 /// Parses a focal-loss kind.
@@ -290,18 +173,15 @@ fn main() -> ExitCode {
     // Before any work starts threads. Training starts with a lean heap: reusing every freed
     // buffer would make phase-2 steps faster but raise their peak above PyTorch's (phase 3
     // switches to reuse, see `train::run_session`).
-    dsr_core::runtime::tune_allocator(match cli.command {
-        Command::Train { .. } | Command::Pretrain { .. } | Command::Demo { .. } => {
-            dsr_core::runtime::HeapUse::Lean
-        }
-        _ => dsr_core::runtime::HeapUse::Reuse,
+    heap::tune_allocator(match cli.command {
+        Command::Train { .. } | Command::Pretrain(_) | Command::Demo(_) => heap::HeapUse::Lean,
+        _ => heap::HeapUse::Reuse,
     });
-    dsr_core::runtime::set_winograd(!cli.direct_conv);
-    // Inference on weights read from a file, which nothing changes: layers may keep their
-    // weights' transformed copies.
-    if matches!(cli.command, Command::Predict { .. } | Command::Test { .. }) {
-        dsr_core::runtime::set_weight_cache(true);
-    }
+    let exec = Execution::with_conv(if cli.direct_conv {
+        ConvAlgorithm::Direct
+    } else {
+        ConvAlgorithm::Winograd
+    });
     let result = match cli.command {
         Command::Info { file } => info(file),
         Command::Convert {
@@ -310,44 +190,8 @@ fn main() -> ExitCode {
             config,
             image_size,
         } => convert::run(&input, &output, config.as_deref(), image_size),
-        Command::Predict {
-            model,
-            paths,
-            out,
-            raw,
-            on_error,
-            batch,
-            resume,
-            max_pixels,
-        } => predict::run(&predict::PredictArgs {
-            model,
-            inputs: paths,
-            out,
-            raw,
-            on_error,
-            batch,
-            resume,
-            max_pixels,
-        }),
-        Command::Test {
-            model,
-            data,
-            category,
-            out,
-            batch,
-            on_error,
-            max_pixels,
-        } => evaluate::run(&evaluate::TestArgs {
-            model,
-            data,
-            category,
-            out,
-            batch,
-            options: evaluate::EvalOptions {
-                on_error,
-                max_pixels,
-            },
-        }),
+        Command::Predict(args) => predict::run(&args, exec),
+        Command::Test(args) => evaluate::run(&args, exec),
         Command::Train {
             settings,
             resume,
@@ -355,58 +199,17 @@ fn main() -> ExitCode {
             print_config,
             recompute,
             device,
-        } => {
-            dsr_core::runtime::set_activation_recompute(recompute);
-            train::train(&settings, resume.as_deref(), device, !no_test, print_config)
-        }
-        Command::Pretrain {
-            images,
-            out,
-            preset,
-            steps,
-            crop,
-            load_size,
-            batch,
-            seed,
+        } => train::train(
+            &settings,
+            resume.as_deref(),
             device,
-        } => train::pretrain(&train::PretrainArgs {
-            images,
-            out,
-            preset,
-            steps,
-            crop,
-            load_size,
-            batch,
-            seed,
-            device,
-        }),
-        Command::Augment {
-            data,
-            recipe,
-            n,
-            out,
-            size,
-            seed,
-        } => augment::run(&augment::AugmentArgs {
-            data,
-            recipe,
-            n,
-            out,
-            size,
-            seed,
-        })
-        .map(|_| ()),
-        Command::Demo {
-            data,
-            results,
-            quick,
-            device,
-        } => train::demo(&train::DemoArgs {
-            data,
-            results,
-            quick,
-            device,
-        }),
+            !no_test,
+            print_config,
+            Execution { recompute, ..exec },
+        ),
+        Command::Pretrain(args) => train::pretrain(&args, exec),
+        Command::Augment(args) => augment::run(&args).map(|_| ()),
+        Command::Demo(args) => train::demo(&args, exec),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

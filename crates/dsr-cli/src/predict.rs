@@ -12,29 +12,42 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::io::{load_image_limited, npy_bytes, png_bytes, write_file, ModelImage};
-use crate::model::LoadedModel;
+use crate::io::{npy_bytes, png_bytes, write_file};
 use crate::render::{draw_contours, draw_text, heat_overlay};
-use crate::OnError;
-use dsr_train::data::IMAGE_EXTENSIONS;
+use dsr_eval::image::{load_image, ModelImage, IMAGE_EXTENSIONS};
+use dsr_eval::{Detector, Execution, OnError};
 
 /// The options of `dsr predict`.
+#[derive(Debug, clap::Args)]
 pub struct PredictArgs {
-    /// The checkpoint.
+    /// The checkpoint (its `dsr.image_size` sets the input size; default 256×256).
+    #[arg(long, value_name = "FILE")]
     pub model: PathBuf,
-    /// Files, folders or glob patterns.
-    pub inputs: Vec<String>,
-    /// The output folder.
+    /// Image files, folders (every image inside, sorted) or glob patterns (quote them).
+    #[arg(required = true, value_name = "PATHS")]
+    pub paths: Vec<String>,
+    /// The output folder (created if missing).
+    #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Write raw maps even when a post-processor is stored.
+    /// Write the raw anomaly maps in the .npy files even when the checkpoint stores a
+    /// post-processor. Default: normalised maps when it does, raw maps when it does not.
+    #[arg(long)]
     pub raw: bool,
-    /// What to do with an input that cannot be read.
+    /// What to do with an input that cannot be read: report it on standard error and go on
+    /// with the others (skip), or stop at the first bad input with exit code 1 (fail).
+    #[arg(long, value_name = "POLICY", default_value_t = OnError::Skip, value_parser = crate::parse_on_error)]
     pub on_error: OnError,
     /// Images per forward pass.
+    #[arg(long, value_name = "N", default_value_t = 8)]
     pub batch: usize,
-    /// Skip the images whose outputs a previous run into `out` completed.
+    /// Continue an interrupted run into the same --out: images whose .png and .npy are
+    /// already there and complete (and recorded in <OUT>/predictions.jsonl) are not predicted
+    /// again, and the tables cover every image.
+    #[arg(long)]
     pub resume: bool,
-    /// The pixel limit checked from each image's header.
+    /// Refuse images of more pixels than this (width × height, read from the file header
+    /// before decoding).
+    #[arg(long, value_name = "N", default_value_t = dsr_eval::image::DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
 }
 
@@ -237,12 +250,12 @@ fn csv_field(s: &str) -> String {
 }
 
 /// Runs `dsr predict`.
-pub fn run(args: &PredictArgs) -> Result<()> {
+pub fn run(args: &PredictArgs, exec: Execution) -> Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let model = LoadedModel::load(&args.model)?;
-    let (files, problems) = expand_inputs(&args.inputs);
+    let model = Detector::load(&args.model, exec)?;
+    let (files, problems) = expand_inputs(&args.paths);
     let mut skipped: Vec<Skipped> = Vec::new();
     for (input, problem) in problems {
         if args.on_error == OnError::Fail {
@@ -256,14 +269,14 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create the output folder {}", args.out.display()))?;
-    let raw_maps = args.raw || model.post.is_none();
+    let raw_maps = args.raw || model.post().is_none();
     let map_values = if raw_maps { "raw" } else { "normalized" };
-    let label_rule = if model.post.is_some() {
+    let label_rule = if model.post().is_some() {
         "post-processor thresholds stored in the checkpoint"
     } else {
         "no post-processor in the checkpoint: raw score and map value > 0.5"
     };
-    let [h, w] = model.size;
+    let [h, w] = model.size();
     // Output names depend on the input list only, so that a resumed run names every image as
     // the interrupted one did.
     let mut used = HashSet::new();
@@ -332,11 +345,11 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         let mut loaded: Vec<(usize, ModelImage)> = Vec::new();
         for &i in chunk {
             let path = &files[i];
-            match load_image_limited(path, model.size, args.max_pixels) {
+            match load_image(path, [h, w], args.max_pixels) {
                 Ok(img) => loaded.push((i, img)),
                 Err(e) => {
                     if args.on_error == OnError::Fail {
-                        return Err(e);
+                        return Err(e.into());
                     }
                     eprintln!("skipping {}: {e:#}", path.display());
                     skipped.push(Skipped {
@@ -354,11 +367,11 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         for ((i, img), pred) in loaded.iter().zip(predictions) {
             let (path, stem) = (&files[*i], &stems[*i]);
             let shown = model.display_map(&pred.map);
-            let mut overlay = heat_overlay(&img.rgb, &shown);
+            let mut overlay = heat_overlay(&img.to_rgb8([h, w]), &shown);
             draw_contours(&mut overlay, &model.pixel_mask(&pred.map), [255, 0, 0]);
             let anomalous = model.image_label(pred.score);
             let label = if anomalous { "anomalous" } else { "normal" };
-            let normalized_score = model.post.map(|p| p.normalize_score(pred.score));
+            let normalized_score = model.post().map(|p| p.normalize_score(pred.score));
             let text = format!("{:.3} {label}", normalized_score.unwrap_or(pred.score));
             let colour = if anomalous {
                 [255, 64, 64]
@@ -410,8 +423,8 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     }
     write_file(&args.out.join("predictions.csv"), csv.as_bytes())?;
     let report = Report {
-        model: model.path.display().to_string(),
-        image_size: model.size,
+        model: args.model.display().to_string(),
+        image_size: [h, w],
         map_values,
         label_rule,
         predictions: &rows,

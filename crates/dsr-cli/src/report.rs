@@ -5,12 +5,13 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use anyhow::Result;
-use dsr_train::metrics::{EvalCurves, Metrics};
-use dsr_train::postprocess::PostProcessor;
+use dsr_eval::image::{load_image, DEFAULT_MAX_PIXELS};
+use dsr_eval::metrics::{EvalCurves, Metrics};
+use dsr_eval::postprocess::PostProcessor;
+use dsr_eval::{Detector, Evaluation};
 
-use crate::evaluate::{metric_columns, Evaluated};
-use crate::io::{base64, load_image, png_bytes};
-use crate::model::LoadedModel;
+use crate::evaluate::metric_columns;
+use crate::io::{base64, png_bytes};
 use crate::render::{draw_contours, draw_text, heat_overlay};
 
 /// How many of the best and of the worst examples the report shows.
@@ -21,7 +22,7 @@ pub struct ReportInput<'a> {
     /// The data folder, as the title.
     pub title: &'a str,
     /// The model that was evaluated.
-    pub model: &'a LoadedModel,
+    pub model: &'a Detector,
     /// The thresholds used for labels and F1.
     pub post: &'a PostProcessor,
     /// Where the thresholds come from, in words.
@@ -33,7 +34,14 @@ pub struct ReportInput<'a> {
     /// The sorted curves.
     pub curves: &'a EvalCurves,
     /// The predictions and ground truth.
-    pub evaluated: &'a Evaluated,
+    pub evaluated: &'a Evaluation,
+}
+
+/// The checkpoint a detector was read from, for the page.
+fn model_name(model: &Detector) -> String {
+    model
+        .path()
+        .map_or_else(|| "a model in memory".into(), |p| p.display().to_string())
 }
 
 fn escape(s: &str) -> String {
@@ -183,11 +191,11 @@ fn metrics_table(overall: &Metrics, per_type: &BTreeMap<String, Metrics>) -> Str
 /// contours in white, normalised score and label as text.
 fn example_png(input: &ReportInput<'_>, index: usize) -> Result<String> {
     let ev = input.evaluated;
-    let [h, w] = input.model.size;
+    let [h, w] = input.model.size();
     let pixels = h * w;
     let raw = &ev.maps[index * pixels..(index + 1) * pixels];
-    let img = load_image(&ev.samples[index].path, input.model.size)?;
-    let mut overlay = heat_overlay(&img.rgb, &input.post.normalize_map(raw));
+    let img = load_image(&ev.samples[index].path, [h, w], DEFAULT_MAX_PIXELS)?;
+    let mut overlay = heat_overlay(&img.to_rgb8([h, w]), &input.post.normalize_map(raw));
     draw_contours(&mut overlay, &input.post.pixel_mask(raw), [255, 0, 0]);
     draw_contours(
         &mut overlay,
@@ -262,9 +270,9 @@ figure img {{ width: 256px; image-rendering: pixelated; }}
 </style></head><body><h1>DSR test report</h1>
 <p>Data: {title}<br>Model: {model}<br>Input size: {h}×{w}<br>Images: {count} ({defective} defective)<br>Thresholds: {source} ({post})</p>"#,
         title = escape(input.title),
-        model = escape(&input.model.path.display().to_string()),
-        h = input.model.size[0],
-        w = input.model.size[1],
+        model = escape(&model_name(input.model)),
+        h = input.model.size()[0],
+        w = input.model.size()[1],
         count = ev.scores.len(),
         defective = ev.labels.iter().filter(|&&l| l).count(),
         source = escape(input.threshold_source),

@@ -16,6 +16,7 @@ use dsr_train::train::Schedule;
 
 use crate::evaluate;
 use crate::progress::{human, Progress};
+use dsr_eval::{Detector, EvalOptions, Execution};
 
 /// A named model configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -140,8 +141,8 @@ pub struct TrainOverrides {
     pub checkpoint_every: Option<u64>,
     /// A training image that cannot be read: fail (stop with its name) or skip (report it
     /// and train on the others). Default fail.
-    #[arg(long, value_enum, value_name = "POLICY")]
-    pub on_error: Option<crate::OnError>,
+    #[arg(long, value_name = "POLICY", value_parser = crate::parse_on_error)]
+    pub on_error: Option<dsr_eval::OnError>,
     /// Refuse images with more pixels than this (read from the file header before
     /// decoding). Default 100000000.
     #[arg(long, value_name = "N")]
@@ -226,10 +227,7 @@ pub fn resolve_config(o: &TrainOverrides) -> Result<RunConfig> {
         cfg.output.checkpoint_every = n;
     }
     if let Some(e) = o.on_error {
-        cfg.data.on_error = match e {
-            crate::OnError::Skip => dsr_train::data::OnError::Skip,
-            crate::OnError::Fail => dsr_train::data::OnError::Fail,
-        };
+        cfg.data.on_error = e;
     }
     if let Some(p) = o.max_pixels {
         cfg.data.max_pixels = p;
@@ -272,7 +270,7 @@ pub fn run_session(session: &Session, device: &Device, test: bool) -> Result<Run
             if *phase == 3 {
                 // Phase 3 trains the upsampling module alone: reusing freed buffers makes its
                 // steps faster, and its peak stays below phase 2's (see `HeapUse`).
-                dsr_core::runtime::tune_allocator(dsr_core::runtime::HeapUse::Reuse);
+                crate::heap::tune_allocator(crate::heap::HeapUse::Reuse);
             }
             progress.start_phase(*phase, *done, *total)
         }
@@ -307,18 +305,21 @@ pub fn run_session(session: &Session, device: &Device, test: bool) -> Result<Run
         let cfg = session.config();
         let root = cfg.data.display_root();
         let samples = evaluate::samples_from_entries(&outcome.test, &root)?;
+        let detector = Detector::load(&outcome.model, session.execution())?;
         // With the validation set equal to the test set (anomalib's default) the validation
-        // pass has already inferred every test image with this model.
-        let v = &outcome.validation;
-        evaluate::evaluate_samples(
-            &outcome.model,
-            &root,
-            samples,
-            &session.dir().path,
-            cfg.data.eval_batch,
-            &evaluate::EvalOptions::default(),
-            &evaluate::Known::new(&v.paths, &v.scores, &v.maps),
-        )?;
+        // has already evaluated every test image with this model: its evaluation is the test's.
+        let tested;
+        let evaluation = if outcome.validation.samples == samples {
+            &outcome.validation
+        } else {
+            let options = EvalOptions {
+                batch: cfg.data.eval_batch,
+                ..EvalOptions::default()
+            };
+            tested = evaluate::evaluate_set(&detector, &root, samples, &options)?;
+            &tested
+        };
+        evaluate::write_results(&detector, &root, evaluation, &session.dir().path)?;
     }
     Ok(outcome)
 }
@@ -330,6 +331,7 @@ pub fn train(
     device: DeviceArg,
     test: bool,
     print_config: bool,
+    exec: Execution,
 ) -> Result<()> {
     if print_config {
         let cfg = match resume {
@@ -343,30 +345,41 @@ pub fn train(
     let session = match resume {
         Some(dir) => Session::resume(dir)?,
         None => Session::create(resolve_config(o)?)?,
-    };
+    }
+    .with_execution(exec);
     run_session(&session, &device, test)?;
     Ok(())
 }
 
 /// The options of `dsr pretrain`.
+#[derive(Debug, clap::Args)]
 pub struct PretrainArgs {
-    /// Folder of images (searched recursively).
+    /// The image folder (searched recursively).
+    #[arg(long, value_name = "DIR")]
     pub images: PathBuf,
     /// The output file.
+    #[arg(long, value_name = "FILE", default_value = "vq.safetensors")]
     pub out: PathBuf,
-    /// The model configuration.
+    /// The model configuration (its discrete part is trained).
+    #[arg(long, value_enum, default_value_t = Preset::Reference)]
     pub preset: Preset,
     /// Steps.
+    #[arg(long, value_name = "N", default_value_t = 2000)]
     pub steps: u64,
-    /// Crop side.
+    /// Side of the random square crops.
+    #[arg(long, value_name = "PX", default_value_t = 128)]
     pub crop: usize,
     /// Side the images are resized to before cropping.
+    #[arg(long, value_name = "PX", default_value_t = 256)]
     pub load_size: usize,
-    /// Images per step.
+    /// Crops per step.
+    #[arg(long, value_name = "N", default_value_t = 16)]
     pub batch: usize,
     /// Seed.
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub seed: u64,
-    /// Device.
+    /// The compute device.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
 }
 
@@ -386,7 +399,7 @@ fn images_below(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Runs `dsr pretrain`.
-pub fn pretrain(a: &PretrainArgs) -> Result<()> {
+pub fn pretrain(a: &PretrainArgs, exec: Execution) -> Result<()> {
     let device = a.device.device()?;
     if !a.images.is_dir() {
         bail!("the image folder {} does not exist", a.images.display());
@@ -420,7 +433,7 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
         seed: a.seed,
         ..PretrainConfig::default()
     };
-    let mut pre = Pretrainer::new(cfg, images, &device)?;
+    let mut pre = Pretrainer::with_execution(cfg, images, &device, exec)?;
     let mut progress = Progress::new();
     progress.start_phase(1, 0, a.steps);
     let mut last = None;
@@ -449,14 +462,19 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
 }
 
 /// The options of `dsr demo`.
+#[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// The data (default: the shipped battery_weld images).
+    /// Another data set folder (MVTec layout) instead of the shipped one.
+    #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
     /// The results root.
+    #[arg(long, value_name = "DIR", default_value = "results")]
     pub results: PathBuf,
-    /// A much shorter schedule (a smoke run).
+    /// A smoke run of a few steps at 64×64 (seconds; the model learns little).
+    #[arg(long)]
     pub quick: bool,
-    /// Device.
+    /// The compute device.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
 }
 
@@ -500,7 +518,7 @@ pub fn demo_config(data: PathBuf, results: PathBuf, quick: bool) -> RunConfig {
 }
 
 /// Runs `dsr demo`.
-pub fn demo(a: &DemoArgs) -> Result<()> {
+pub fn demo(a: &DemoArgs, exec: Execution) -> Result<()> {
     let data = match &a.data {
         Some(d) => d.clone(),
         None => demo_data().context(
@@ -511,7 +529,8 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         "dsr demo: DSR on {} — phase 1 (codebooks), phase 2 (reconstruction, detection), phase 3 (upsampling), then the test set.",
         data.display()
     );
-    let session = Session::create(demo_config(data, a.results.clone(), a.quick))?;
+    let session =
+        Session::create(demo_config(data, a.results.clone(), a.quick))?.with_execution(exec);
     let device = a.device.device()?;
     run_session(&session, &device, true)?;
     println!(

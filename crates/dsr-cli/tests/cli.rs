@@ -5,8 +5,9 @@ use std::process::Output;
 
 use candle_core::{Device, Tensor};
 use dsr_core::weights::load_checkpoint;
-use dsr_train::postprocess::{PostProcessor, METADATA_KEY};
+use dsr_eval::postprocess::{PostProcessor, METADATA_KEY};
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 use common::{dsr, make_image, make_model, s};
 

@@ -6,10 +6,11 @@
 
 use candle_core::{Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
-use dsr_core::conv::{conv2d, conv_transpose2d};
+use dsr_core::kernels::conv::{conv2d, conv_transpose2d};
+use dsr_core::{ConvAlgorithm, Execution};
 
 // The tests' seeded random inputs (`random`).
-#[path = "../tests/common.rs"]
+#[path = "../tests/common/mod.rs"]
 mod common;
 use common::random;
 
@@ -162,25 +163,27 @@ fn bench_winograd(c: &mut Criterion) {
         let b = random(&[co], 3, 0.1);
         // The filters kept between calls (as `dsr predict` runs) and transformed per call (as a
         // training step does, once per weight).
-        dsr_core::runtime::set_winograd(true);
-        dsr_core::runtime::set_weight_cache(true);
-        let cache = dsr_core::conv::WeightCache::default();
+        let cache = dsr_core::kernels::conv::WeightCache::default();
         group.bench_function(
             format!("{ci}->{co} {side}x{side} winograd cached"),
             |bench| {
-                bench
-                    .iter(|| dsr_core::conv::conv2d_cached(&x, &w, Some(&b), 1, 1, &cache).unwrap())
+                bench.iter(|| {
+                    dsr_core::kernels::conv::conv2d_cached(&x, &w, Some(&b), 1, 1, &cache).unwrap()
+                })
             },
         );
-        dsr_core::runtime::set_weight_cache(false);
-        for (label, winograd) in [("winograd", true), ("direct", false)] {
-            dsr_core::runtime::set_winograd(winograd);
+        for (label, conv) in [
+            ("winograd", ConvAlgorithm::Winograd),
+            ("direct", ConvAlgorithm::Direct),
+        ] {
+            let exec = Execution::with_conv(conv);
             group.bench_function(format!("{ci}->{co} {side}x{side} {label}"), |bench| {
-                bench.iter(|| dsr_core::conv::conv2d(&x, &w, Some(&b), 1, 1).unwrap())
+                bench.iter(|| {
+                    exec.run(|| dsr_core::kernels::conv::conv2d(&x, &w, Some(&b), 1, 1).unwrap())
+                })
             });
         }
     }
-    dsr_core::runtime::set_winograd(true);
     group.finish();
 }
 

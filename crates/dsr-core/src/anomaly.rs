@@ -1,4 +1,4 @@
-//! Feature-space anomalies for phase 2 (`generate_fake_anomalies_joined`, spec §4) and the
+//! Feature-space anomalies for phase 2 (`generate_fake_anomalies_joined`) and the
 //! injectable source of the phase-2 random draws.
 
 use std::collections::VecDeque;
@@ -225,7 +225,7 @@ pub fn candidate_count(strength: f32, k: usize) -> (usize, usize) {
 }
 
 /// Replaces the quantized `embeddings` inside `mask` by codes that are similar but not too
-/// similar to the continuous `features` (spec §4).
+/// similar to the continuous `features`.
 ///
 /// For every sample k and position, the codes are ranked by squared distance to the feature
 /// vector (ties by index); the first `⌊0.05·K⌋` are skipped and one of the next

@@ -15,9 +15,9 @@ pub struct AnomalyDetectionModule {
 
 impl AnomalyDetectionModule {
     /// Builds the module with U-Net base width `base_width` (64 in the reference) under `vb`.
-    pub fn new(vb: VarBuilder, base_width: usize) -> candle_core::Result<Self> {
+    pub fn new(base_width: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            unet: UnetModel::new(vb.pp("unet"), 6, 2, base_width)?,
+            unet: UnetModel::new(6, 2, base_width, vb.pp("unet"))?,
         })
     }
 

@@ -1,8 +1,13 @@
 //! [`DsrConfig`]: the hyper-parameters that fix every tensor shape of a DSR model.
 
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::weights::record_shapes;
+use crate::{DiscreteLatentModel, DsrModel, Error, Result};
 
 /// Hyper-parameters of a DSR model.
 ///
@@ -143,6 +148,61 @@ impl DsrConfig {
     /// multiples of 32 and at least 64.
     pub fn validate_image_size(&self, height: usize, width: usize) -> Result<()> {
         validate_image_size(height, width)
+    }
+
+    /// Every tensor of a full DSR model with this configuration, as sorted `(PyTorch key,
+    /// shape)` pairs (188 for the default configuration). Nothing is allocated.
+    pub fn state_dict_shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
+        let cfg = *self;
+        record_shapes(|vb| DsrModel::new(&cfg, vb).map(|_| ()))
+    }
+
+    /// The tensors of the discrete latent model alone, keys without prefix (40 by default).
+    pub fn discrete_state_dict_shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
+        let cfg = *self;
+        self.validate()?;
+        record_shapes(|vb| {
+            DiscreteLatentModel::new(&cfg, vb)
+                .map(|_| ())
+                .map_err(Error::from)
+        })
+    }
+
+    /// Derives the discrete model's widths (D, K, Nh, Rh, number of residual layers) from its
+    /// tensors (keys without prefix); the other fields keep their defaults.
+    pub fn from_discrete_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Self> {
+        let dims = |key: &str| -> Result<Vec<usize>> {
+            tensors.get(key).map(|t| t.dims().to_vec()).ok_or_else(|| {
+                Error::weights(
+                    path,
+                    format!("missing tensor '{key}': this is not a DSR discrete model"),
+                )
+            })
+        };
+        let codebook = dims("_vq_vae_top._embedding.weight")?;
+        let conv2 = dims("_encoder_b._conv_2.weight")?;
+        let res = dims("_encoder_b._residual_stack._layers.0._block.1.weight")?;
+        let layers = (0..)
+            .take_while(|i| {
+                tensors.contains_key(&format!(
+                    "_encoder_b._residual_stack._layers.{i}._block.1.weight"
+                ))
+            })
+            .count();
+        if codebook.len() != 2 || conv2.len() != 4 || res.len() != 4 {
+            return Err(Error::weights(
+                path,
+                "unexpected tensor ranks for a DSR discrete model",
+            ));
+        }
+        Ok(Self {
+            embedding_dim: codebook[1],
+            num_embeddings: codebook[0],
+            num_hiddens: conv2[0],
+            num_residual_layers: layers,
+            num_residual_hiddens: res[0],
+            ..Self::default()
+        })
     }
 }
 

@@ -26,11 +26,11 @@ pub struct ResidualLayer {
 impl ResidualLayer {
     /// Reads `_block.1.weight` (3×3, `channels→hidden`) and `_block.3.weight` (1×1,
     /// `hidden→channels`), both without bias.
-    pub fn new(vb: VarBuilder, channels: usize, hidden: usize) -> candle_core::Result<Self> {
+    pub fn new(channels: usize, hidden: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         let vb = vb.pp("_block");
         Ok(Self {
-            conv3: Conv2d::new(vb.pp("1"), channels, hidden, 3, 1, 1, false)?,
-            conv1: Conv2d::new(vb.pp("3"), hidden, channels, 1, 1, 0, false)?,
+            conv3: Conv2d::new(channels, hidden, 3, 1, 1, false, vb.pp("1"))?,
+            conv1: Conv2d::new(hidden, channels, 1, 1, 0, false, vb.pp("3"))?,
         })
     }
 }
@@ -52,14 +52,14 @@ pub struct ResidualStack {
 impl ResidualStack {
     /// Reads `_layers.{i}` for every layer.
     pub fn new(
-        vb: VarBuilder,
         channels: usize,
         hidden: usize,
         num_layers: usize,
+        vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let vb = vb.pp("_layers");
         let layers = (0..num_layers)
-            .map(|i| ResidualLayer::new(vb.pp(i), channels, hidden))
+            .map(|i| ResidualLayer::new(channels, hidden, vb.pp(i)))
             .collect::<candle_core::Result<_>>()?;
         Ok(Self { layers })
     }
@@ -89,14 +89,14 @@ impl EncoderBot {
     pub fn new(cfg: &DsrConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let nh = cfg.num_hiddens;
         Ok(Self {
-            conv_1: Conv2d::new(vb.pp("_conv_1"), 3, nh / 2, 4, 2, 1, true)?,
-            conv_2: Conv2d::new(vb.pp("_conv_2"), nh / 2, nh, 4, 2, 1, true)?,
-            conv_3: Conv2d::new(vb.pp("_conv_3"), nh, nh, 3, 1, 1, true)?,
+            conv_1: Conv2d::new(3, nh / 2, 4, 2, 1, true, vb.pp("_conv_1"))?,
+            conv_2: Conv2d::new(nh / 2, nh, 4, 2, 1, true, vb.pp("_conv_2"))?,
+            conv_3: Conv2d::new(nh, nh, 3, 1, 1, true, vb.pp("_conv_3"))?,
             residual_stack: ResidualStack::new(
-                vb.pp("_residual_stack"),
                 nh,
                 cfg.num_residual_hiddens,
                 cfg.num_residual_layers,
+                vb.pp("_residual_stack"),
             )?,
         })
     }
@@ -126,13 +126,13 @@ impl EncoderTop {
     pub fn new(cfg: &DsrConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let nh = cfg.num_hiddens;
         Ok(Self {
-            conv_1: Conv2d::new(vb.pp("_conv_1"), nh, nh, 4, 2, 1, true)?,
-            conv_2: Conv2d::new(vb.pp("_conv_2"), nh, nh, 3, 1, 1, true)?,
+            conv_1: Conv2d::new(nh, nh, 4, 2, 1, true, vb.pp("_conv_1"))?,
+            conv_2: Conv2d::new(nh, nh, 3, 1, 1, true, vb.pp("_conv_2"))?,
             residual_stack: ResidualStack::new(
-                vb.pp("_residual_stack"),
                 nh,
                 cfg.num_residual_hiddens,
                 cfg.num_residual_layers,
+                vb.pp("_residual_stack"),
             )?,
         })
     }
@@ -162,15 +162,15 @@ impl DecoderBot {
     pub fn new(cfg: &DsrConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let nh = cfg.num_hiddens;
         Ok(Self {
-            conv_1: Conv2d::new(vb.pp("_conv_1"), 2 * cfg.embedding_dim, nh, 3, 1, 1, true)?,
+            conv_1: Conv2d::new(2 * cfg.embedding_dim, nh, 3, 1, 1, true, vb.pp("_conv_1"))?,
             residual_stack: ResidualStack::new(
-                vb.pp("_residual_stack"),
                 nh,
                 cfg.num_residual_hiddens,
                 cfg.num_residual_layers,
+                vb.pp("_residual_stack"),
             )?,
-            conv_trans_1: ConvTranspose2d::up2(vb.pp("_conv_trans_1"), nh, nh / 2)?,
-            conv_trans_2: ConvTranspose2d::up2(vb.pp("_conv_trans_2"), nh / 2, 3)?,
+            conv_trans_1: ConvTranspose2d::up2(nh, nh / 2, vb.pp("_conv_trans_1"))?,
+            conv_trans_2: ConvTranspose2d::up2(nh / 2, 3, vb.pp("_conv_trans_2"))?,
         })
     }
 }
@@ -185,7 +185,7 @@ impl Module for DecoderBot {
     }
 }
 
-/// Everything the shared encoder pass computes (spec §2.1), kept for the later stages and for
+/// Everything the shared encoder pass computes, kept for the later stages and for
 /// parity checks.
 #[derive(Debug, Clone)]
 pub struct Encoded {
@@ -242,11 +242,11 @@ impl DiscreteLatentModel {
         Ok(Self {
             encoder_b: EncoderBot::new(cfg, vb.pp("_encoder_b"))?,
             encoder_t: EncoderTop::new(cfg, vb.pp("_encoder_t"))?,
-            pre_vq_conv_top: Conv2d::new(vb.pp("_pre_vq_conv_top"), nh, d, 1, 1, 0, true)?,
-            pre_vq_conv_bot: Conv2d::new(vb.pp("_pre_vq_conv_bot"), nh + d, d, 1, 1, 0, true)?,
-            vq_top: VectorQuantizer::new(vb.pp("_vq_vae_top"), k, d)?,
-            vq_bot: VectorQuantizer::new(vb.pp("_vq_vae_bot"), k, d)?,
-            upsample_t: ConvTranspose2d::up2(vb.pp("upsample_t"), d, d)?,
+            pre_vq_conv_top: Conv2d::new(nh, d, 1, 1, 0, true, vb.pp("_pre_vq_conv_top"))?,
+            pre_vq_conv_bot: Conv2d::new(nh + d, d, 1, 1, 0, true, vb.pp("_pre_vq_conv_bot"))?,
+            vq_top: VectorQuantizer::new(k, d, vb.pp("_vq_vae_top"))?,
+            vq_bot: VectorQuantizer::new(k, d, vb.pp("_vq_vae_bot"))?,
+            upsample_t: ConvTranspose2d::up2(d, d, vb.pp("upsample_t"))?,
             decoder_b: DecoderBot::new(cfg, vb.pp("_decoder_b"))?,
         })
     }
@@ -286,7 +286,7 @@ impl DiscreteLatentModel {
         Tensor::cat(&[enc_b, up_lo], 1)?.apply(&self.pre_vq_conv_bot)
     }
 
-    /// The shared encoder pass (spec §2.1) of an image batch `B×3×H×W`.
+    /// The shared encoder pass of an image batch `B×3×H×W`.
     pub fn encode(&self, image: &Tensor) -> Result<Encoded> {
         let enc_b = image.apply(&self.encoder_b)?;
         let enc_t = enc_b.apply(&self.encoder_t)?;

@@ -41,22 +41,21 @@
 //! ```
 #![deny(missing_docs)]
 
+mod activation;
 pub mod anomaly;
 pub mod anomaly_detection;
+pub mod atomic;
 pub mod cache;
 pub mod config;
-pub mod conv;
 pub mod discrete;
 mod error;
+pub mod exec;
 pub mod init;
+pub mod kernels;
 pub mod layers;
 pub mod model;
-mod nhwc;
-mod pickle_guard;
 pub mod quantizer;
 pub mod reconstruction;
-pub mod runtime;
-mod simd;
 pub mod subspace;
 pub mod unet;
 pub mod upsampling;
@@ -66,6 +65,7 @@ pub use anomaly::{Randomness, RecordedDraws, SeededRandomness};
 pub use config::DsrConfig;
 pub use discrete::DiscreteLatentModel;
 pub use error::{Error, Result};
+pub use exec::{ConvAlgorithm, Execution};
 pub use model::{DsrModel, EvalTrace, Inference, Phase2Output};
 pub use quantizer::{Quantized, VectorQuantizer};
 pub use weights::Checkpoint;

@@ -12,6 +12,7 @@ use crate::anomaly::{fake_anomalies, Randomness};
 use crate::anomaly_detection::AnomalyDetectionModule;
 use crate::config::validate_image_size;
 use crate::discrete::{DiscreteLatentModel, Encoded};
+use crate::exec::{self, Execution, Policy};
 use crate::layers::{avg_pool_same, max_pool, softmax_channels, upsample_nearest};
 use crate::quantizer::Quantized;
 use crate::reconstruction::ImageReconstructionNetwork;
@@ -47,7 +48,7 @@ pub struct Inference {
     pub pred_score: Tensor,
 }
 
-/// Every tensor of the evaluation forward (spec §2.2), for inspection and parity checks.
+/// Every tensor of the evaluation forward, for inspection and parity checks.
 #[derive(Debug, Clone)]
 pub struct EvalTrace {
     /// The shared encoder pass of the discrete model.
@@ -119,6 +120,8 @@ pub struct Phase2Output {
 #[derive(Debug, Clone)]
 pub struct DsrModel {
     cfg: DsrConfig,
+    /// How its calls compute (see [`crate::exec`]).
+    policy: Policy,
     discrete: DiscreteLatentModel,
     srm_hi: SubspaceRestrictionModule,
     srm_lo: SubspaceRestrictionModule,
@@ -173,19 +176,40 @@ impl DsrModel {
         let d = cfg.embedding_dim;
         Ok(Self {
             cfg: *cfg,
+            policy: Policy::default(),
             discrete: DiscreteLatentModel::new(cfg, frozen.pp("discrete_latent_model"))?,
-            srm_hi: SubspaceRestrictionModule::new(vb.pp("subspace_restriction_module_hi"), d)?,
-            srm_lo: SubspaceRestrictionModule::new(vb.pp("subspace_restriction_module_lo"), d)?,
+            srm_hi: SubspaceRestrictionModule::new(d, vb.pp("subspace_restriction_module_hi"))?,
+            srm_lo: SubspaceRestrictionModule::new(d, vb.pp("subspace_restriction_module_lo"))?,
             irn: ImageReconstructionNetwork::new(cfg, vb.pp("image_reconstruction_network"))?,
             adm: AnomalyDetectionModule::new(
-                vb.pp("anomaly_detection_module"),
                 cfg.anomaly_detection_module_base_width,
+                vb.pp("anomaly_detection_module"),
             )?,
             ups: UpsamplingModule::new(
-                vb.pp("upsampling_module"),
                 cfg.upsampling_module_base_width,
+                vb.pp("upsampling_module"),
             )?,
         })
+    }
+
+    /// The model with another execution policy (convolution algorithm, recomputation); a model
+    /// built for inference goes on keeping its transformed filters.
+    pub fn with_execution(mut self, exec: Execution) -> Self {
+        self.policy.exec = exec;
+        self
+    }
+
+    /// Marks the model as built from loaded weights that nothing changes: its layers may keep
+    /// their weights' transformed copies between calls (see
+    /// [`crate::Checkpoint::into_inference_model`]).
+    pub(crate) fn keeping_filters(mut self) -> Self {
+        self.policy.keep_filters = true;
+        self
+    }
+
+    /// Its execution policy.
+    pub fn execution(&self) -> Execution {
+        self.policy.exec
     }
 
     /// The configuration.
@@ -240,8 +264,9 @@ impl DsrModel {
         Ok(self.forward_eval(image)?.inference)
     }
 
-    /// The evaluation forward with every intermediate tensor (spec §2.2).
+    /// The evaluation forward with every intermediate tensor.
     pub fn forward_eval(&self, image: &Tensor) -> Result<EvalTrace> {
+        let _policy = exec::enter(self.policy);
         self.check_image(image)?;
         let encoded = self.discrete.encode(image)?;
         let quant_join_general = Tensor::cat(&[&encoded.up_t, &encoded.q_b.quantized], 1)?;
@@ -287,6 +312,7 @@ impl DsrModel {
     /// The wall time (seconds) of each stage of one evaluation forward ([`DsrModel::forward_eval`]),
     /// in order: the per-module profile of inference.
     pub fn profile_eval(&self, image: &Tensor) -> Result<Vec<(&'static str, f64)>> {
+        let _policy = exec::enter(self.policy);
         self.check_image(image)?;
         let mut times = Vec::new();
         let mut clock = std::time::Instant::now();
@@ -322,9 +348,10 @@ impl DsrModel {
         Ok(times)
     }
 
-    /// The phase-3 training forward (spec §2.4) on a (smudge-augmented) batch: the refined mask
+    /// The phase-3 training forward on a (smudge-augmented) batch: the refined mask
     /// probabilities `M_up`, `B×2×H×W`. Only the upsampling module receives gradients.
     pub fn forward_phase3(&self, image: &Tensor) -> Result<Tensor> {
+        let _policy = exec::enter(self.policy);
         self.check_image(image)?;
         let encoded = self.discrete.encode(image)?;
         let general = self
@@ -348,7 +375,7 @@ impl DsrModel {
         )?)
     }
 
-    /// The phase-2 training forward (spec §2.3): feature-space anomalies are drawn from the
+    /// The phase-2 training forward: feature-space anomalies are drawn from the
     /// codebooks inside `mask` (`B×1×H×W`, 0/1) with the random draws of `rng`.
     ///
     /// Gradients reach the subspace restriction modules (feature MSE, and the image MSE through
@@ -361,6 +388,7 @@ impl DsrModel {
         mask: &Tensor,
         rng: &mut dyn Randomness,
     ) -> Result<Phase2Output> {
+        let _policy = exec::enter(self.policy);
         let (b, h, w) = self.check_image(image)?;
         let mdims = mask.dims();
         if mdims != [b, 1, h, w] {

@@ -4,7 +4,7 @@
 use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
-use crate::conv::with_f32_data;
+use crate::kernels::conv::with_f32_data;
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -71,9 +71,9 @@ pub struct VectorQuantizer {
 impl VectorQuantizer {
     /// Reads the codebook of `num_embeddings` vectors of width `embedding_dim` under `vb`.
     pub fn new(
-        vb: VarBuilder,
         num_embeddings: usize,
         embedding_dim: usize,
+        vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let normal = Init::Randn {
             mean: 0.0,

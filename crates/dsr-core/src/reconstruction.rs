@@ -32,20 +32,20 @@ impl ImageReconstructionNetwork {
         let c = 2 * cfg.embedding_dim;
         let nh = cfg.num_hiddens;
         Ok(Self {
-            block1: DoubleConv::new(vb.pp("block1"), c, c, 2 * c)?,
-            block2: DoubleConv::new(vb.pp("block2"), 2 * c, 2 * c, 4 * c)?,
-            pre_vq_conv: Conv2d::new(vb.pp("pre_vq_conv"), 4 * c, BOTTLENECK, 1, 1, 0, true)?,
-            upblock1: ConvTranspose2d::up2(vb.pp("upblock1"), BOTTLENECK, BOTTLENECK)?,
-            upblock2: ConvTranspose2d::up2(vb.pp("upblock2"), BOTTLENECK, BOTTLENECK)?,
-            conv_1: Conv2d::new(vb.pp("_conv_1"), BOTTLENECK, nh, 3, 1, 1, true)?,
+            block1: DoubleConv::new(c, c, 2 * c, vb.pp("block1"))?,
+            block2: DoubleConv::new(2 * c, 2 * c, 4 * c, vb.pp("block2"))?,
+            pre_vq_conv: Conv2d::new(4 * c, BOTTLENECK, 1, 1, 0, true, vb.pp("pre_vq_conv"))?,
+            upblock1: ConvTranspose2d::up2(BOTTLENECK, BOTTLENECK, vb.pp("upblock1"))?,
+            upblock2: ConvTranspose2d::up2(BOTTLENECK, BOTTLENECK, vb.pp("upblock2"))?,
+            conv_1: Conv2d::new(BOTTLENECK, nh, 3, 1, 1, true, vb.pp("_conv_1"))?,
             residual_stack: ResidualStack::new(
-                vb.pp("_residual_stack"),
                 nh,
                 cfg.num_residual_hiddens,
                 cfg.num_residual_layers,
+                vb.pp("_residual_stack"),
             )?,
-            conv_trans_1: ConvTranspose2d::up2(vb.pp("_conv_trans_1"), nh, nh / 2)?,
-            conv_trans_2: ConvTranspose2d::up2(vb.pp("_conv_trans_2"), nh / 2, 3)?,
+            conv_trans_1: ConvTranspose2d::up2(nh, nh / 2, vb.pp("_conv_trans_1"))?,
+            conv_trans_2: ConvTranspose2d::up2(nh / 2, 3, vb.pp("_conv_trans_2"))?,
         })
     }
 }

@@ -6,8 +6,8 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::layers::{max_pool2x2, Conv2d, DoubleConv, UpConv};
-use crate::nhwc::Nhwc;
+use crate::activation::Act;
+use crate::layers::{Conv2d, DoubleConv, UpConv};
 use crate::quantizer::{Quantized, VectorQuantizer};
 use crate::Result;
 
@@ -28,19 +28,19 @@ pub struct SubspaceRestrictionNetwork {
 impl SubspaceRestrictionNetwork {
     /// Builds the network for `channels` input/output channels and base width `base_width`
     /// (both equal the embedding width in DSR).
-    pub fn new(vb: VarBuilder, channels: usize, base_width: usize) -> candle_core::Result<Self> {
+    pub fn new(channels: usize, base_width: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         let bw = base_width;
         let enc = vb.pp("encoder");
         let dec = vb.pp("decoder");
         Ok(Self {
-            block1: DoubleConv::new(enc.pp("block1"), channels, bw, bw)?,
-            block2: DoubleConv::new(enc.pp("block2"), bw, 2 * bw, 2 * bw)?,
-            block3: DoubleConv::new(enc.pp("block3"), 2 * bw, 4 * bw, 4 * bw)?,
-            up2: UpConv::new(dec.pp("up2"), 4 * bw, 2 * bw)?,
-            db2: DoubleConv::new(dec.pp("db2"), 2 * bw, 2 * bw, 2 * bw)?,
-            up3: UpConv::new(dec.pp("up3"), 2 * bw, bw)?,
-            db3: DoubleConv::new(dec.pp("db3"), bw, bw, bw)?,
-            fin_out: Conv2d::k3(dec.pp("fin_out").pp("0"), bw, channels)?,
+            block1: DoubleConv::new(channels, bw, bw, enc.pp("block1"))?,
+            block2: DoubleConv::new(bw, 2 * bw, 2 * bw, enc.pp("block2"))?,
+            block3: DoubleConv::new(2 * bw, 4 * bw, 4 * bw, enc.pp("block3"))?,
+            up2: UpConv::new(4 * bw, 2 * bw, dec.pp("up2"))?,
+            db2: DoubleConv::new(2 * bw, 2 * bw, 2 * bw, dec.pp("db2"))?,
+            up3: UpConv::new(2 * bw, bw, dec.pp("up3"))?,
+            db3: DoubleConv::new(bw, bw, bw, dec.pp("db3"))?,
+            fin_out: Conv2d::k3(bw, channels, dec.pp("fin_out").pp("0"))?,
         })
     }
 }
@@ -62,27 +62,16 @@ impl SubspaceRestrictionNetwork {
         ])
     }
 
-    /// The forward with activations kept channels last (see [`crate::nhwc`]); the same values
-    /// as [`Self::forward_planes`].
-    fn forward_nhwc(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let b1 = self.block1.forward_nhwc(&Nhwc::from_tensor(xs)?)?;
-        let b2 = self.block2.forward_nhwc(&b1.max_pool2x2())?;
-        let b3 = self.block3.forward_nhwc(&b2.max_pool2x2())?;
-        let x = self.db2.forward_nhwc(&self.up2.forward_nhwc(&b3)?)?;
-        let x = self.db3.forward_nhwc(&self.up3.forward_nhwc(&x)?)?;
-        self.fin_out.forward_nhwc(&x)?.to_tensor()
-    }
-
-    /// The forward on NCHW tensors, layer by layer (training, and devices other than the CPU).
-    fn forward_planes(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let b1 = xs.apply(&self.block1)?;
-        let b2 = max_pool2x2(&b1)?.apply(&self.block2)?;
-        let b3 = max_pool2x2(&b2)?.apply(&self.block3)?;
-        b3.apply(&self.up2)?
-            .apply(&self.db2)?
-            .apply(&self.up3)?
-            .apply(&self.db3)?
-            .apply(&self.fin_out)
+    /// The forward with the input in the layout `x` has; the activations stay in it from
+    /// input to output.
+    fn forward_act(&self, x: Act) -> candle_core::Result<Tensor> {
+        let b1 = self.block1.forward_act(&x)?;
+        drop(x);
+        let b2 = self.block2.forward_act(&b1.max_pool2x2()?)?;
+        let b3 = self.block3.forward_act(&b2.max_pool2x2()?)?;
+        let x = self.db2.forward_act(&self.up2.forward_act(&b3)?)?;
+        let x = self.db3.forward_act(&self.up3.forward_act(&x)?)?;
+        self.fin_out.forward_act(&x)?.into_tensor()
     }
 }
 
@@ -91,11 +80,7 @@ impl Module for SubspaceRestrictionNetwork {
     /// tracked) the activations stay channels last between layers; the values are those of the
     /// layer-by-layer NCHW forward.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if Nhwc::suits(xs, self.convs()) {
-            self.forward_nhwc(xs)
-        } else {
-            self.forward_planes(xs)
-        }
+        self.forward_act(Act::input(xs, self.convs())?)
     }
 }
 
@@ -107,9 +92,9 @@ pub struct SubspaceRestrictionModule {
 
 impl SubspaceRestrictionModule {
     /// Builds the module for embedding width `embedding_dim` under `vb`.
-    pub fn new(vb: VarBuilder, embedding_dim: usize) -> candle_core::Result<Self> {
+    pub fn new(embedding_dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            unet: SubspaceRestrictionNetwork::new(vb.pp("unet"), embedding_dim, embedding_dim)?,
+            unet: SubspaceRestrictionNetwork::new(embedding_dim, embedding_dim, vb.pp("unet"))?,
         })
     }
 
@@ -126,19 +111,24 @@ impl SubspaceRestrictionModule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nhwc::test_support::{assert_same_values, input, seeded};
+    use crate::kernels::nhwc::test_support::{assert_same_values, input, seeded};
 
     #[test]
     fn channels_last_forward_gives_the_nchw_forward_values() {
         // 32 channels at 32×32: the 32- and 64-channel layers at 32×32 and 16×16 by Winograd's
         // algorithm, the 8×8 ones by the direct product. Two images.
-        let network = seeded(true, |vb| SubspaceRestrictionNetwork::new(vb, 32, 32));
+        let network = seeded(true, |vb| SubspaceRestrictionNetwork::new(32, 32, vb));
         let xs = input(2, 32, 32);
-        assert!(Nhwc::suits(&xs, network.convs()));
-        let trainable = seeded(false, |vb| SubspaceRestrictionNetwork::new(vb, 32, 32));
-        assert!(!Nhwc::suits(&xs, trainable.convs()));
-        let pixels = network.forward_nhwc(&xs).unwrap();
+        assert!(Act::suits_pixels(&xs, network.convs()));
+        let trainable = seeded(false, |vb| SubspaceRestrictionNetwork::new(32, 32, vb));
+        assert!(!Act::suits_pixels(&xs, trainable.convs()));
+        let run = |pixels| {
+            network
+                .forward_act(Act::in_layout(&xs, pixels).unwrap())
+                .unwrap()
+        };
+        let pixels = run(true);
         assert_eq!(pixels.dims(), &[2, 32, 32, 32]);
-        assert_same_values(&network.forward_planes(&xs).unwrap(), &pixels);
+        assert_same_values(&run(false), &pixels);
     }
 }

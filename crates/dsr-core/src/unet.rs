@@ -5,8 +5,8 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::layers::{max_pool2x2, Conv2d, DoubleConv, UpConv};
-use crate::nhwc::Nhwc;
+use crate::activation::Act;
+use crate::layers::{Conv2d, DoubleConv, UpConv};
 
 /// A full-resolution U-Net with `out_channels` logits (keys `encoder.*`, `decoder.*`).
 #[derive(Debug, Clone)]
@@ -27,26 +27,26 @@ pub struct UnetModel {
 impl UnetModel {
     /// Builds the U-Net under `vb` (the module's `unet` prefix).
     pub fn new(
-        vb: VarBuilder,
         in_channels: usize,
         out_channels: usize,
         base_width: usize,
+        vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let bw = base_width;
         let enc = vb.pp("encoder");
         let dec = vb.pp("decoder");
         Ok(Self {
-            block1: DoubleConv::new(enc.pp("block1"), in_channels, bw, bw)?,
-            block2: DoubleConv::new(enc.pp("block2"), bw, 2 * bw, 2 * bw)?,
-            block3: DoubleConv::new(enc.pp("block3"), 2 * bw, 4 * bw, 4 * bw)?,
-            block4: DoubleConv::new(enc.pp("block4"), 4 * bw, 4 * bw, 4 * bw)?,
-            up1: UpConv::new(dec.pp("up1"), 4 * bw, 4 * bw)?,
-            db1: DoubleConv::new(dec.pp("db1"), 8 * bw, 4 * bw, 4 * bw)?,
-            up2: UpConv::new(dec.pp("up2"), 4 * bw, 2 * bw)?,
-            db2: DoubleConv::new(dec.pp("db2"), 4 * bw, 2 * bw, 2 * bw)?,
-            up3: UpConv::new(dec.pp("up3"), 2 * bw, bw)?,
-            db3: DoubleConv::new(dec.pp("db3"), 2 * bw, bw, bw)?,
-            fin_out: Conv2d::k3(dec.pp("fin_out").pp("0"), bw, out_channels)?,
+            block1: DoubleConv::new(in_channels, bw, bw, enc.pp("block1"))?,
+            block2: DoubleConv::new(bw, 2 * bw, 2 * bw, enc.pp("block2"))?,
+            block3: DoubleConv::new(2 * bw, 4 * bw, 4 * bw, enc.pp("block3"))?,
+            block4: DoubleConv::new(4 * bw, 4 * bw, 4 * bw, enc.pp("block4"))?,
+            up1: UpConv::new(4 * bw, 4 * bw, dec.pp("up1"))?,
+            db1: DoubleConv::new(8 * bw, 4 * bw, 4 * bw, dec.pp("db1"))?,
+            up2: UpConv::new(4 * bw, 2 * bw, dec.pp("up2"))?,
+            db2: DoubleConv::new(4 * bw, 2 * bw, 2 * bw, dec.pp("db2"))?,
+            up3: UpConv::new(2 * bw, bw, dec.pp("up3"))?,
+            db3: DoubleConv::new(2 * bw, bw, bw, dec.pp("db3"))?,
+            fin_out: Conv2d::k3(bw, out_channels, dec.pp("fin_out").pp("0"))?,
         })
     }
 }
@@ -65,45 +65,25 @@ impl UnetModel {
             .chain([&self.fin_out])
     }
 
-    /// Whether [`Self::forward_nhwc`] can run on `xs`: inference (nothing tracked) on f32 CPU
-    /// tensors.
-    fn suits_nhwc(&self, xs: &Tensor) -> bool {
-        Nhwc::suits(xs, self.convs())
-    }
-
-    /// The forward with activations kept channels last from input to logits (see
-    /// [`crate::nhwc`]); the same values as [`Self::forward_planes`].
-    fn forward_nhwc(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let b1 = self.block1.forward_nhwc(&Nhwc::from_tensor(xs)?)?;
-        let b2 = self.block2.forward_nhwc(&b1.max_pool2x2())?;
-        let b3 = self.block3.forward_nhwc(&b2.max_pool2x2())?;
-        let b4 = self.block4.forward_nhwc(&b3.max_pool2x2())?;
-        let up1 = self.up1.forward_nhwc(&b4)?;
+    /// The forward with the input in the layout `x` has; the activations stay in it from
+    /// input to logits.
+    fn forward_act(&self, x: Act) -> candle_core::Result<Tensor> {
+        let b1 = self.block1.forward_act(&x)?;
+        drop(x);
+        let b2 = self.block2.forward_act(&b1.max_pool2x2()?)?;
+        let b3 = self.block3.forward_act(&b2.max_pool2x2()?)?;
+        let b4 = self.block4.forward_act(&b3.max_pool2x2()?)?;
+        let up1 = self.up1.forward_act(&b4)?;
         drop(b4);
-        let db1 = self.db1.forward_nhwc(&up1.cat(&b3)?)?;
+        let db1 = self.db1.forward_act(&up1.cat(&b3)?)?;
         drop((up1, b3));
-        let up2 = self.up2.forward_nhwc(&db1)?;
-        let db2 = self.db2.forward_nhwc(&up2.cat(&b2)?)?;
+        let up2 = self.up2.forward_act(&db1)?;
+        let db2 = self.db2.forward_act(&up2.cat(&b2)?)?;
         drop((up2, b2));
-        let up3 = self.up3.forward_nhwc(&db2)?;
-        let db3 = self.db3.forward_nhwc(&up3.cat(&b1)?)?;
+        let up3 = self.up3.forward_act(&db2)?;
+        let db3 = self.db3.forward_act(&up3.cat(&b1)?)?;
         drop((up3, b1));
-        self.fin_out.forward_nhwc(&db3)?.to_tensor()
-    }
-
-    /// The forward on NCHW tensors, layer by layer (training, and devices other than the CPU).
-    fn forward_planes(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let b1 = xs.apply(&self.block1)?;
-        let b2 = max_pool2x2(&b1)?.apply(&self.block2)?;
-        let b3 = max_pool2x2(&b2)?.apply(&self.block3)?;
-        let b4 = max_pool2x2(&b3)?.apply(&self.block4)?;
-        let up1 = b4.apply(&self.up1)?;
-        let db1 = Tensor::cat(&[&up1, &b3], 1)?.apply(&self.db1)?;
-        let up2 = db1.apply(&self.up2)?;
-        let db2 = Tensor::cat(&[&up2, &b2], 1)?.apply(&self.db2)?;
-        let up3 = db2.apply(&self.up3)?;
-        let db3 = Tensor::cat(&[&up3, &b1], 1)?.apply(&self.db3)?;
-        db3.apply(&self.fin_out)
+        self.fin_out.forward_act(&db3)?.into_tensor()
     }
 }
 
@@ -112,22 +92,18 @@ impl Module for UnetModel {
     /// nothing tracked) the activations stay channels last from input to logits; the values
     /// are those of the layer-by-layer NCHW forward.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if self.suits_nhwc(xs) {
-            self.forward_nhwc(xs)
-        } else {
-            self.forward_planes(xs)
-        }
+        self.forward_act(Act::input(xs, self.convs())?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nhwc::test_support::{assert_same_values, input, seeded};
+    use crate::kernels::nhwc::test_support::{assert_same_values, input, seeded};
 
     /// A U-Net from 6 to 2 channels of base width `width`, plain or trainable.
     fn unet(width: usize, plain: bool) -> UnetModel {
-        seeded(plain, |vb| UnetModel::new(vb, 6, 2, width))
+        seeded(plain, |vb| UnetModel::new(6, 2, width, vb))
     }
 
     #[test]
@@ -137,19 +113,23 @@ mod tests {
         // in each layout. Two images: the batch loop too. (Here not one value differs.)
         let unet = unet(32, true);
         let xs = input(2, 6, 64);
-        assert!(unet.suits_nhwc(&xs));
-        let pixels = unet.forward_nhwc(&xs).unwrap();
+        assert!(Act::suits_pixels(&xs, unet.convs()));
+        let run = |pixels| {
+            unet.forward_act(Act::in_layout(&xs, pixels).unwrap())
+                .unwrap()
+        };
+        let pixels = run(true);
         assert_eq!(pixels.dims(), &[2, 2, 64, 64]);
-        assert_same_values(&unet.forward_planes(&xs).unwrap(), &pixels);
+        assert_same_values(&run(false), &pixels);
     }
 
     #[test]
     fn training_variables_take_the_nchw_path() {
         let xs = input(1, 6, 16);
-        assert!(!unet(8, false).suits_nhwc(&xs));
+        assert!(!Act::suits_pixels(&xs, unet(8, false).convs()));
         let plain = unet(8, true);
-        assert!(plain.suits_nhwc(&xs));
+        assert!(Act::suits_pixels(&xs, plain.convs()));
         let tracked = candle_core::Var::from_tensor(&xs).unwrap();
-        assert!(!plain.suits_nhwc(tracked.as_tensor()));
+        assert!(!Act::suits_pixels(tracked.as_tensor(), plain.convs()));
     }
 }

@@ -14,9 +14,9 @@ pub struct UpsamplingModule {
 
 impl UpsamplingModule {
     /// Builds the module with U-Net base width `base_width` (64 in the reference) under `vb`.
-    pub fn new(vb: VarBuilder, base_width: usize) -> candle_core::Result<Self> {
+    pub fn new(base_width: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            unet: UnetModel::new(vb.pp("unet"), 8, 2, base_width)?,
+            unet: UnetModel::new(8, 2, base_width, vb.pp("unet"))?,
         })
     }
 

@@ -3,7 +3,7 @@
 //! on even and odd image sizes.
 
 use candle_core::{DType, Tensor, Var};
-use dsr_core::conv::{conv2d, conv_transpose2d};
+use dsr_core::kernels::conv::{conv2d, conv_transpose2d};
 
 mod common;
 use common::random;

@@ -29,7 +29,7 @@ fn every_submodule_matches_the_reference() {
         ("vq_bot", "_vq_vae_bot", "vq_bot"),
     ] {
         let vq =
-            VectorQuantizer::new(dvb.pp(level), cfg.num_embeddings, cfg.embedding_dim).unwrap();
+            VectorQuantizer::new(cfg.num_embeddings, cfg.embedding_dim, dvb.pp(level)).unwrap();
         let out = vq.forward(&get(&sm, &format!("{ref_key}.in.x"))).unwrap();
         assert_close(
             name,
@@ -45,13 +45,13 @@ fn every_submodule_matches_the_reference() {
     }
 
     let vq_bot =
-        VectorQuantizer::new(dvb.pp("_vq_vae_bot"), cfg.num_embeddings, cfg.embedding_dim).unwrap();
+        VectorQuantizer::new(cfg.num_embeddings, cfg.embedding_dim, dvb.pp("_vq_vae_bot")).unwrap();
     let vq_top =
-        VectorQuantizer::new(dvb.pp("_vq_vae_top"), cfg.num_embeddings, cfg.embedding_dim).unwrap();
+        VectorQuantizer::new(cfg.num_embeddings, cfg.embedding_dim, dvb.pp("_vq_vae_top")).unwrap();
     for (key, vq) in [("srm_hi", &vq_bot), ("srm_lo", &vq_top)] {
         let module = SubspaceRestrictionModule::new(
-            vb.pp(format!("subspace_restriction_module_{}", &key[4..])),
             cfg.embedding_dim,
+            vb.pp(format!("subspace_restriction_module_{}", &key[4..])),
         )
         .unwrap();
         let (f, q) = module
@@ -72,15 +72,15 @@ fn every_submodule_matches_the_reference() {
     }
 
     let adm = AnomalyDetectionModule::new(
-        vb.pp("anomaly_detection_module"),
         cfg.anomaly_detection_module_base_width,
+        vb.pp("anomaly_detection_module"),
     )
     .unwrap();
     let (real, anomaly) = (get(&sm, "adm.in.real"), get(&sm, "adm.in.anomaly"));
     let logits = adm.forward(&real, &anomaly).unwrap();
     assert_close("adm.logits", &logits, &get(&sm, "adm.out.logits"), features);
 
-    let ups = UpsamplingModule::new(vb.pp("upsampling_module"), cfg.upsampling_module_base_width)
+    let ups = UpsamplingModule::new(cfg.upsampling_module_base_width, vb.pp("upsampling_module"))
         .unwrap();
     let logits = ups
         .forward(&real, &anomaly, &get(&sm, "ups.in.seg"))
@@ -134,10 +134,10 @@ fn residual_stack_reproduces_the_in_place_relu_quirk() {
     let sm = load("submodules.safetensors");
     let vb = weights_vb().pp("discrete_latent_model._encoder_b._residual_stack");
     let stack = ResidualStack::new(
-        vb,
         cfg.num_hiddens,
         cfg.num_residual_hiddens,
         cfg.num_residual_layers,
+        vb,
     )
     .unwrap();
     let y = get(&sm, "residual_stack.in.x").apply(&stack).unwrap();

@@ -46,6 +46,64 @@ fn recorded_draws() -> Vec<Draw> {
         .collect()
 }
 
+/// One feature-space anomaly call of the reference, as the manifest describes its draws.
+#[derive(Debug, Clone, Copy)]
+struct AnomalyCall {
+    /// Its number (1, 2, 3 in the order of the reference).
+    call: usize,
+    /// The index of its first recorded draw.
+    first_draw: usize,
+    /// Its draws, one per sample.
+    count: usize,
+    /// Whether it draws from the coarse (top) codebook.
+    top: bool,
+}
+
+/// The feature-space anomaly calls, read from the manifest's description of each draw
+/// (`… at generate_fake_anomalies_joined #N (…, top codebook, …) sample K`).
+fn anomaly_calls() -> Vec<AnomalyCall> {
+    let m = manifest();
+    let keys = m["files"]["phase2.safetensors"]["keys"]
+        .as_object()
+        .expect("phase2 keys");
+    let mut names: Vec<&String> = keys.keys().filter(|k| k.starts_with("rng.")).collect();
+    names.sort();
+    let mut calls: Vec<AnomalyCall> = Vec::new();
+    for (index, name) in names.into_iter().enumerate() {
+        let meaning = keys[name]["meaning"].as_str().expect("meaning");
+        let Some(rest) = meaning.split("generate_fake_anomalies_joined #").nth(1) else {
+            continue;
+        };
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let call: usize = digits.parse().expect("call number");
+        let top = rest.contains("top codebook");
+        match calls.iter_mut().find(|c| c.call == call) {
+            Some(c) => {
+                assert_eq!(
+                    c.first_draw + c.count,
+                    index,
+                    "the draws of call {call} are not consecutive"
+                );
+                assert_eq!(c.top, top, "call {call} draws from one codebook");
+                c.count += 1;
+            }
+            None => calls.push(AnomalyCall {
+                call,
+                first_draw: index,
+                count: 1,
+                top,
+            }),
+        }
+    }
+    let numbers: Vec<usize> = calls.iter().map(|c| c.call).collect();
+    assert_eq!(
+        numbers,
+        [1, 2, 3],
+        "the fixture records three anomaly calls"
+    );
+    calls
+}
+
 /// The picks of one call compared with the reference: every mismatch must be a near-tie, i.e.
 /// our code's squared distance equals the reference code's within the manifest's near-tie
 /// threshold; returns the number of mismatches.
@@ -88,13 +146,20 @@ fn compare_picks(
 
 #[test]
 fn candidate_counts_follow_the_reference_bounds() {
-    // Draws 2–5 and 8–9 were drawn below the number of candidates the reference computed from
-    // the recorded strengths; `candidate_count` must give the same numbers.
+    // The anomaly calls' draws were drawn below the number of candidates the reference computed
+    // from the recorded strengths; `candidate_count` must give the same numbers.
     let (cfg, _, _) = config();
     let p2 = load("phase2.safetensors");
     let draws = recorded_draws();
-    for (call, first_draw) in [(1, 2), (2, 4), (3, 8)] {
+    for AnomalyCall {
+        call,
+        first_draw,
+        count,
+        ..
+    } in anomaly_calls()
+    {
         let strength: Vec<f32> = get(&p2, &format!("gfa{call}.strength")).to_vec1().unwrap();
+        assert_eq!(strength.len(), count, "call {call}: one draw per sample");
         for (k, s) in strength.iter().enumerate() {
             let (_, c) = candidate_count(*s, cfg.num_embeddings);
             match &draws[first_draw + k] {
@@ -111,15 +176,22 @@ fn each_fake_anomaly_call_picks_the_reference_codes() {
     let p2 = load("phase2.safetensors");
     let vb = weights_vb().pp("discrete_latent_model");
     let vq_top =
-        VectorQuantizer::new(vb.pp("_vq_vae_top"), cfg.num_embeddings, cfg.embedding_dim).unwrap();
+        VectorQuantizer::new(cfg.num_embeddings, cfg.embedding_dim, vb.pp("_vq_vae_top")).unwrap();
     let vq_bot =
-        VectorQuantizer::new(vb.pp("_vq_vae_bot"), cfg.num_embeddings, cfg.embedding_dim).unwrap();
+        VectorQuantizer::new(cfg.num_embeddings, cfg.embedding_dim, vb.pp("_vq_vae_bot")).unwrap();
     let draws = recorded_draws();
     let mut total_mismatches = 0;
-    for (call, vq, first_draw) in [(1, &vq_top, 2), (2, &vq_bot, 4), (3, &vq_bot, 8)] {
+    for AnomalyCall {
+        call,
+        first_draw,
+        count: b,
+        top,
+    } in anomaly_calls()
+    {
+        let vq = if top { &vq_top } else { &vq_bot };
         let features = get(&p2, &format!("gfa{call}.features"));
         let strength: Vec<f32> = get(&p2, &format!("gfa{call}.strength")).to_vec1().unwrap();
-        let b = strength.len();
+        assert_eq!(strength.len(), b, "call {call}: one draw per sample");
         let mut tape = RecordedDraws::new(draws[first_draw..first_draw + b].iter().cloned());
         let out = fake_anomalies(
             &features,
@@ -169,11 +241,12 @@ fn phase2_forward_matches_with_replayed_draws() {
     // Compare the picked codes first: a near-tie pick changes the later tensors locally.
     let vb = weights_vb().pp("discrete_latent_model");
     let vq_top =
-        VectorQuantizer::new(vb.pp("_vq_vae_top"), cfg.num_embeddings, cfg.embedding_dim).unwrap();
+        VectorQuantizer::new(cfg.num_embeddings, cfg.embedding_dim, vb.pp("_vq_vae_top")).unwrap();
     let vq_bot =
-        VectorQuantizer::new(vb.pp("_vq_vae_bot"), cfg.num_embeddings, cfg.embedding_dim).unwrap();
+        VectorQuantizer::new(cfg.num_embeddings, cfg.embedding_dim, vb.pp("_vq_vae_bot")).unwrap();
     let mut mismatches = 0;
-    for (call, vq) in [(1, &vq_top), (2, &vq_bot), (3, &vq_bot)] {
+    for AnomalyCall { call, top, .. } in anomaly_calls() {
+        let vq = if top { &vq_top } else { &vq_bot };
         let features = get(&p2, &format!("gfa{call}.features"));
         mismatches += compare_picks(call, &out.picked_codes[call - 1], &features, vq, &p2);
     }
@@ -319,19 +392,18 @@ fn a_tape_of_the_wrong_kind_is_a_clear_error() {
     let (cfg, _, _) = config();
     let p2 = load("phase2.safetensors");
     let model = DsrModel::new(&cfg, weights_vb()).unwrap();
+    let image = get(&p2, "input.image");
+    let batch = image.dim(0).unwrap();
     let mut tape = RecordedDraws::new([Draw::Int {
-        values: vec![0, 1],
+        values: (0..batch as i64).map(|i| i % 2).collect(),
         bound: Some(2),
     }]);
     let err = model
-        .forward_phase2(
-            &get(&p2, "input.image"),
-            &get(&p2, "input.anomaly_mask"),
-            &mut tape,
-        )
+        .forward_phase2(&image, &get(&p2, "input.anomaly_mask"), &mut tape)
         .unwrap_err();
     assert!(
-        err.to_string().contains("expected 2 uniform values"),
+        err.to_string()
+            .contains(&format!("expected {batch} uniform values")),
         "{err}"
     );
 }

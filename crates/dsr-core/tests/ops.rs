@@ -153,7 +153,7 @@ fn ema_update_follows_the_original_recipe() {
     let (k, d) = (4usize, 2usize);
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let vq = VectorQuantizer::new(vb.clone(), k, d).unwrap();
+    let vq = VectorQuantizer::new(k, d, vb.clone()).unwrap();
     let codebook = vec![0f32, 0., 1., 0., 0., 1., 5., 5.];
     let ema_w = codebook.clone();
     let size = vec![1f32, 1., 1., 1.];
@@ -247,7 +247,7 @@ fn ema_update_follows_the_original_recipe() {
 #[test]
 fn ema_update_refuses_a_constant_codebook() {
     let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
-    let vq = VectorQuantizer::new(vb, 4, 2).unwrap();
+    let vq = VectorQuantizer::new(4, 2, vb).unwrap();
     let x = random(&[1, 2, 2, 2], 9, 1.0);
     assert!(vq.forward_ema(&x, &EmaConfig::default()).is_err());
 }

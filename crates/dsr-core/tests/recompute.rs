@@ -1,11 +1,11 @@
 //! Recomputing the convolutions of the conv → instance norm → ReLU blocks in the backward
-//! (`runtime::set_activation_recompute`) changes what training keeps in memory, not a single bit
-//! of the outputs or gradients. (Its own test binary: the setting is process-wide.)
+//! (`Execution::recompute`) changes what training keeps in memory, not a single bit of the
+//! outputs or gradients; the backward, which runs outside the forward's call, keeps its choice.
 
 use candle_core::{DType, Device, Module, Var};
 use candle_nn::{VarBuilder, VarMap};
-use dsr_core::runtime::set_activation_recompute;
 use dsr_core::unet::UnetModel;
+use dsr_core::Execution;
 
 mod common;
 use common::{random, values};
@@ -17,7 +17,7 @@ fn recomputed_blocks_give_the_same_outputs_and_gradients() {
     // Base width 8. At 32×32 the full-resolution layers take the channels-last convolution, the
     // 2×2 ones the NCHW product; at 64×64 the 32-channel layer of the third level (16×16) also
     // computes its forward (and so its recomputed forward) by Winograd's algorithm.
-    let unet = UnetModel::new(vb, 3, 2, 8).unwrap();
+    let unet = UnetModel::new(3, 2, 8, vb).unwrap();
     for side in [32, 64] {
         check_recompute(&unet, &varmap, side);
     }
@@ -27,8 +27,11 @@ fn check_recompute(unet: &UnetModel, varmap: &VarMap, side: usize) {
     let x = Var::from_tensor(&random(&[2, 3, side, side], 1, 1.0)).unwrap();
     let r = random(&[2, 2, side, side], 2, 1.0);
     let run = |recompute: bool| {
-        set_activation_recompute(recompute);
-        let y = unet.forward(x.as_tensor()).unwrap();
+        let exec = Execution {
+            recompute,
+            ..Execution::default()
+        };
+        let y = exec.run(|| unet.forward(x.as_tensor())).unwrap();
         let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let mut all = vec![values(grads.get(x.as_tensor()).unwrap())];
         let vars = varmap.data().lock().unwrap();
@@ -44,7 +47,6 @@ fn check_recompute(unet: &UnetModel, varmap: &VarMap, side: usize) {
     };
     let (y_kept, g_kept, n) = run(false);
     let (y_recomputed, g_recomputed, _) = run(true);
-    set_activation_recompute(false);
     assert!(n > 20, "only {n} parameters");
     assert_eq!(y_kept, y_recomputed);
     assert_eq!(g_kept.len(), g_recomputed.len());

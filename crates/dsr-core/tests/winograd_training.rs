@@ -1,11 +1,11 @@
 //! The training path of Winograd's algorithm: a tracked 3×3 convolution computes its forward,
 //! its input gradient and its weight gradient by Winograd's algorithm, with the same forward
-//! bits as inference and gradients within rounding of the direct convolution's. (Its own test binary: the setting is
-//! process-wide.)
+//! bits as inference and gradients within rounding of the direct convolution's. The backward
+//! runs outside the call that chose the algorithm and keeps its choice.
 
 use candle_core::Var;
-use dsr_core::conv::conv2d;
-use dsr_core::runtime::set_winograd;
+use dsr_core::kernels::conv::conv2d;
+use dsr_core::{ConvAlgorithm, Execution};
 
 mod common;
 use common::{random, values};
@@ -38,9 +38,15 @@ fn tracked_winograd_convolutions_match_inference_and_the_direct_gradients() {
     );
     // Forward, input, weight and bias gradients of sum(conv(x) · r).
     let run = |winograd: bool| {
-        set_winograd(winograd);
-        let plain = values(&conv2d(&x, &w, Some(&b), 1, 1).unwrap());
-        let y = conv2d(xv.as_tensor(), wv.as_tensor(), Some(bv.as_tensor()), 1, 1).unwrap();
+        let exec = Execution::with_conv(if winograd {
+            ConvAlgorithm::Winograd
+        } else {
+            ConvAlgorithm::Direct
+        });
+        let plain = values(&exec.run(|| conv2d(&x, &w, Some(&b), 1, 1)).unwrap());
+        let y = exec
+            .run(|| conv2d(xv.as_tensor(), wv.as_tensor(), Some(bv.as_tensor()), 1, 1))
+            .unwrap();
         let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gradient = |v: &Var| values(grads.get(v.as_tensor()).unwrap());
         (
@@ -51,7 +57,6 @@ fn tracked_winograd_convolutions_match_inference_and_the_direct_gradients() {
     };
     let (plain, tracked, fast) = run(true);
     let (plain_direct, tracked_direct, direct) = run(false);
-    set_winograd(true);
     // Inference and training compute the layer the same way, bit for bit.
     assert_eq!(plain, tracked);
     assert_eq!(plain_direct, tracked_direct);

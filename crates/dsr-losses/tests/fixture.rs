@@ -2,7 +2,7 @@
 //! produced by anomalib 2.7.0 (`DsrSecondStageLoss`, `DsrThirdStageLoss`) and kornia 0.9.0
 //! (`FocalLoss(alpha=1, gamma=2)`); tolerances come from the fixture's `manifest.json`.
 //!
-//! The fixture folder is `$DSR_FIXTURE_DIR` when set, else this crate's copy in
+//! The fixture folder is `$DSR_FIXTURE_DIR` when set, else the shared fixture in dsr-core's
 //! `tests/fixtures/small/`.
 
 use std::collections::HashMap;
@@ -20,7 +20,7 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 fn fixture_dir() -> PathBuf {
     match std::env::var_os("DSR_FIXTURE_DIR") {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/small"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dsr-core/tests/fixtures/small"),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Checks the focal losses against independent plain-loop computations in f64 (values and,
 //! by central finite differences, gradients), plus properties and error handling.
 //!
-//! The original focal loss has no fixture; its definition is spec §7.3: one-hot target
+//! The original focal loss has no fixture; its definition: one-hot target
 //! clamped to `[1e-5, 1 − 1e-5]`, `p_t = Σ_c o_c·P_c + 1e-5`, `−(1 − p_t)²·ln p_t`, mean over
 //! pixels.
 
@@ -51,7 +51,7 @@ fn random_case(b: usize, h: usize, w: usize, seed: u64, scale: f64) -> (Vec<f64>
     (probs, mask)
 }
 
-/// Spec §7.3 written as plain loops over pixels, in f64.
+/// The original focal loss written as plain loops over pixels, in f64.
 fn original_reference(probs: &[f64], mask: &[f64], b: usize, hw: usize) -> f64 {
     let smooth = 1e-5;
     let mut sum = 0.0;
@@ -69,7 +69,7 @@ fn original_reference(probs: &[f64], mask: &[f64], b: usize, hw: usize) -> f64 {
     sum / (b * hw) as f64
 }
 
-/// Spec §7.4 (kornia 0.9.0, α = 1, γ = 2, applied to the probabilities as logits) written as
+/// kornia's focal loss (kornia 0.9.0, α = 1, γ = 2, applied to the probabilities as logits) written as
 /// plain loops, in f64.
 fn anomalib_reference(probs: &[f64], mask: &[f64], b: usize, hw: usize) -> f64 {
     let mut sum = 0.0;

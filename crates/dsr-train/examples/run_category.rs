@@ -94,12 +94,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     })?;
     println!(
         "evaluation: {}",
-        serde_json::to_string_pretty(&outcome.validation.metrics)?
+        serde_json::to_string_pretty(&outcome.metrics)?
     );
     println!(
         "wall time {:.0} s (inference {:.1} s); model: {}",
         start.elapsed().as_secs_f64(),
-        outcome.validation.inference_seconds,
+        outcome.validation.seconds,
         outcome.model.display()
     );
     Ok(())

@@ -47,18 +47,13 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use image::imageops::FilterType;
-use image::{DynamicImage, ImageReader};
+use dsr_eval::image::{decode_checked, image_to_chw, load_mask, ImageError};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-/// The file extensions (lower case) that are listed as images.
-pub const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "tif", "tiff", "bmp"];
-
-/// The default pixel limit (width × height) above which an image is refused: 100 megapixels.
-pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
+pub use dsr_eval::image::{OnError, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS};
 
 /// The defect type given to normal (defect-free) images.
 pub const GOOD: &str = "good";
@@ -73,6 +68,9 @@ const MVTEC_LAYOUT: &str =
 /// or folder concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
+    /// A file or an image could not be read or decoded.
+    #[error(transparent)]
+    Image(#[from] ImageError),
     /// A file or folder could not be read.
     #[error("cannot read {}: {source}", .path.display())]
     Io {
@@ -81,58 +79,6 @@ pub enum DataError {
         /// The underlying error.
         #[source]
         source: std::io::Error,
-    },
-    /// A file has zero bytes.
-    #[error("{} is empty (zero bytes), not an image", .path.display())]
-    EmptyFile {
-        /// The file.
-        path: PathBuf,
-    },
-    /// A file is not an image in a supported format, or its header is unreadable.
-    #[error("{} is not a readable image: {reason}", .path.display())]
-    NotAnImage {
-        /// The file.
-        path: PathBuf,
-        /// What the decoder said.
-        reason: String,
-    },
-    /// The header was read but decoding failed (truncated or corrupt data).
-    #[error("{} could not be decoded (truncated or corrupt): {reason}", .path.display())]
-    Decode {
-        /// The file.
-        path: PathBuf,
-        /// What the decoder said.
-        reason: String,
-    },
-    /// The image has more pixels than the configured limit (checked from the header, before decoding).
-    #[error(
-        "{} is {width}x{height} pixels, more than the limit of {limit} pixels",
-        .path.display()
-    )]
-    TooLarge {
-        /// The file.
-        path: PathBuf,
-        /// Width in pixels.
-        width: u32,
-        /// Height in pixels.
-        height: u32,
-        /// The configured limit in pixels.
-        limit: u64,
-    },
-    /// A mask does not have the size of its image.
-    #[error(
-        "mask {} is {} but its image {} is {}",
-        .mask.display(), size_text(.mask_size), .image.display(), size_text(.image_size)
-    )]
-    MaskSize {
-        /// The mask file.
-        mask: PathBuf,
-        /// The image file.
-        image: PathBuf,
-        /// Mask width and height.
-        mask_size: (u32, u32),
-        /// Image width and height.
-        image_size: (u32, u32),
     },
     /// No training image was found.
     #[error("no training images found in {}; expected layout: {expected}", .searched.display())]
@@ -188,11 +134,6 @@ pub enum DataError {
     Config(String),
 }
 
-/// Formats a width and height as `WxH`.
-fn size_text(size: &(u32, u32)) -> String {
-    format!("{}x{}", size.0, size.1)
-}
-
 /// Joins paths for an error message.
 fn paths_text(paths: &[PathBuf]) -> String {
     if paths.is_empty() {
@@ -211,41 +152,6 @@ impl DataError {
         DataError::Io {
             path: path.to_path_buf(),
             source,
-        }
-    }
-}
-
-/// What to do with a file that cannot be loaded. Written `fail` and `skip` in configuration files
-/// and on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnError {
-    /// Return the first error.
-    #[default]
-    Fail,
-    /// Skip the file and report it in [`Batch::skipped`].
-    Skip,
-}
-
-impl std::fmt::Display for OnError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            OnError::Fail => "fail",
-            OnError::Skip => "skip",
-        })
-    }
-}
-
-impl std::str::FromStr for OnError {
-    type Err = DataError;
-
-    fn from_str(s: &str) -> Result<Self, DataError> {
-        match s {
-            "fail" => Ok(OnError::Fail),
-            "skip" => Ok(OnError::Skip),
-            other => Err(DataError::Config(format!(
-                "'{other}' is not an error policy: fail or skip"
-            ))),
         }
     }
 }
@@ -790,131 +696,6 @@ impl MaskIndex {
     }
 }
 
-/// A decoder message on one line (some decoders put line breaks in theirs), so that every error
-/// stays one line that names the file.
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-/// Opens an image, checks its size from the header against `max_pixels`, then decodes it.
-pub fn decode_checked(path: &Path, max_pixels: u64) -> Result<DynamicImage, DataError> {
-    let meta = fs::metadata(path).map_err(|e| DataError::io(path, e))?;
-    if meta.len() == 0 {
-        return Err(DataError::EmptyFile {
-            path: path.to_path_buf(),
-        });
-    }
-    let open = || -> Result<ImageReader<std::io::BufReader<fs::File>>, DataError> {
-        let reader = ImageReader::open(path)
-            .map_err(|e| DataError::io(path, e))?
-            .with_guessed_format()
-            .map_err(|e| DataError::io(path, e))?;
-        if reader.format().is_none() {
-            return Err(DataError::NotAnImage {
-                path: path.to_path_buf(),
-                reason: "unknown format".to_string(),
-            });
-        }
-        Ok(reader)
-    };
-    let (width, height) = open()?
-        .into_dimensions()
-        .map_err(|e| DataError::NotAnImage {
-            path: path.to_path_buf(),
-            reason: one_line(&e.to_string()),
-        })?;
-    if width == 0 || height == 0 {
-        return Err(DataError::NotAnImage {
-            path: path.to_path_buf(),
-            reason: format!("zero-sized image {width}x{height}"),
-        });
-    }
-    if width as u64 * height as u64 > max_pixels {
-        return Err(DataError::TooLarge {
-            path: path.to_path_buf(),
-            width,
-            height,
-            limit: max_pixels,
-        });
-    }
-    let mut reader = open()?;
-    // The size was checked against our own limit above, so the decoder's default allocation limit
-    // (which would refuse large 16-bit images) is lifted.
-    reader.no_limits();
-    reader.decode().map_err(|e| DataError::Decode {
-        path: path.to_path_buf(),
-        reason: one_line(&e.to_string()),
-    })
-}
-
-/// Converts a decoded image to RGB `f32` in `[0, 1]`, CHW, resized to `height`×`width`.
-///
-/// Resizing uses `image::imageops::resize` with `FilterType::Triangle` on the 32-bit float RGB
-/// buffer: bilinear when upscaling and antialiased (the triangle kernel widened by the scale factor,
-/// as torchvision's `Resize(antialias=True)`) when downscaling, without any 8-bit rounding. An image
-/// that already has the target size is used as is. Values outside `[0, 1]` (possible only for
-/// floating-point TIFF input) are clamped and NaN becomes 0.
-pub fn image_to_chw(image: &DynamicImage, height: u32, width: u32) -> Vec<f32> {
-    let rgb = image.to_rgb32f();
-    let rgb = if rgb.dimensions() == (width, height) {
-        rgb
-    } else {
-        image::imageops::resize(&rgb, width, height, FilterType::Triangle)
-    };
-    let plane = height as usize * width as usize;
-    let mut out = vec![0.0f32; 3 * plane];
-    for (x, y, p) in rgb.enumerate_pixels() {
-        let i = y as usize * width as usize + x as usize;
-        for (c, &v) in p.0.iter().enumerate() {
-            out[c * plane + i] = if v.is_nan() { 0.0 } else { v.clamp(0.0, 1.0) };
-        }
-    }
-    out
-}
-
-/// Converts a decoded mask to a binary `f32` mask of `height`×`width` (1×H×W).
-///
-/// Binarisation rule (for masks that are not strictly black and white, such as JPEG masks with
-/// compression noise or masks with antialiased edges): a pixel is anomalous (1.0) when its
-/// brightest colour channel is at least half the full scale of the file's bit depth (128 of 255,
-/// 32768 of 65535, 0.5 for floating point); alpha is ignored. One exception: a mask whose largest
-/// value is exactly 1 (a label image that stores 0 and 1 rather than 0 and 255) marks its pixels
-/// of value 1 as anomalous. Resizing uses nearest-neighbour sampling as PyTorch's
-/// `interpolate(mode="nearest")`: output pixel `i` reads input pixel `floor(i · in / out)`. A mask
-/// that already has the target size is used as is.
-pub fn mask_to_binary(mask: &DynamicImage, height: u32, width: u32) -> Vec<f32> {
-    let rgb = mask.to_rgb32f();
-    let (in_w, in_h) = rgb.dimensions();
-    let brightest = |p: &image::Rgb<f32>| p.0.iter().copied().fold(0.0f32, f32::max);
-    // One step of the file's integer scale, for the 0/1 label-image exception.
-    let step = match mask.color().bytes_per_pixel() / mask.color().channel_count() {
-        1 => Some(1.0 / 255.0),
-        2 => Some(1.0 / 65535.0),
-        _ => None,
-    };
-    let largest = rgb.pixels().map(brightest).fold(0.0f32, f32::max);
-    let threshold = match step {
-        Some(step) if (largest - step).abs() < step / 2.0 => step / 2.0,
-        _ => 0.5,
-    };
-    let mut out = vec![0.0f32; height as usize * width as usize];
-    for y in 0..height {
-        let sy = ((y as u64 * in_h as u64) / height as u64).min(in_h as u64 - 1) as u32;
-        for x in 0..width {
-            let sx = ((x as u64 * in_w as u64) / width as u64).min(in_w as u64 - 1) as u32;
-            if brightest(rgb.get_pixel(sx, sy)) >= threshold {
-                out[y as usize * width as usize + x as usize] = 1.0;
-            }
-        }
-    }
-    out
-}
-
 /// Loads one image as RGB `f32` CHW (3·H·W) at the configured size.
 pub fn load_image(path: &Path, config: &LoadConfig) -> Result<Vec<f32>, DataError> {
     config.validate()?;
@@ -949,26 +730,20 @@ pub fn load_sample(
 ) -> Result<Sample, DataError> {
     config.validate()?;
     let decoded = decode_checked(&entry.path, config.max_pixels)?;
-    let image_size = (decoded.width(), decoded.height());
+    let image_size = [decoded.height() as usize, decoded.width() as usize];
     let image = image_to_chw(&decoded, config.height, config.width);
     drop(decoded);
     let mask = if !with_masks {
         None
     } else {
         match &entry.mask_path {
-            Some(mask_path) => {
-                let m = decode_checked(mask_path, config.max_pixels)?;
-                let mask_size = (m.width(), m.height());
-                if mask_size != image_size {
-                    return Err(DataError::MaskSize {
-                        mask: mask_path.clone(),
-                        image: entry.path.clone(),
-                        mask_size,
-                        image_size,
-                    });
-                }
-                Some(mask_to_binary(&m, config.height, config.width))
-            }
+            Some(mask_path) => Some(load_mask(
+                mask_path,
+                [config.height as usize, config.width as usize],
+                config.max_pixels,
+                &entry.path,
+                image_size,
+            )?),
             None if !entry.label => Some(vec![0.0; config.pixels()]),
             None => {
                 return Err(DataError::MissingMask {

@@ -1,78 +1,25 @@
 //! Pieces of a training run shared by [`crate::session`] and the CLI: loading training images
-//! into one batch, evaluating a model on a labelled set with anomalib's metrics and
-//! post-processing, and the small model configuration of the demo.
-
-use std::time::Instant;
+//! into one batch, data-set entries as the evaluation's labelled samples, and the small model
+//! configuration of the demo.
 
 use candle_core::Device;
 use dsr_augment::ImageBatch;
 use dsr_core::{DsrConfig, DsrModel};
-use serde::{Deserialize, Serialize};
 
-use crate::data::{load_batch, load_images, Entry, LoadConfig};
-use crate::metrics::{EvalSet, Metrics};
-use crate::postprocess::PostProcessor;
+use crate::data::{load_images, Entry, LoadConfig};
 use crate::train::TrainError;
 
-/// Model outputs on a labelled set, with the metrics.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Evaluation {
-    /// Metrics with the post-processor fitted on the same set (anomalib's default validation).
-    pub metrics: Metrics,
-    /// The fitted post-processor.
-    pub postprocess: PostProcessor,
-    /// Raw image scores.
-    pub scores: Vec<f32>,
-    /// Image labels.
-    pub labels: Vec<bool>,
-    /// The evaluated images, in the order of `scores`.
-    #[serde(skip)]
-    pub paths: Vec<std::path::PathBuf>,
-    /// The raw anomaly maps at the model's size, image after image (kept so that a following
-    /// test on the same images need not infer them again).
-    #[serde(skip)]
-    pub maps: Vec<f32>,
-    /// Seconds spent in inference.
-    pub inference_seconds: f64,
-}
-
-/// Runs `model` over `entries` (labelled, with masks) and computes the metrics.
-pub fn evaluate(
-    model: &DsrModel,
-    entries: &[Entry],
-    size: [usize; 2],
-    batch: usize,
-    device: &Device,
-) -> Result<Evaluation, TrainError> {
-    let cfg = LoadConfig::new(size[0] as u32, size[1] as u32);
-    let (mut scores, mut labels, mut maps, mut masks) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let start = Instant::now();
-    for chunk in entries.chunks(batch.max(1)) {
-        let loaded =
-            load_batch(chunk, &cfg, true).map_err(|e| TrainError::Config(e.to_string()))?;
-        labels.extend(loaded.labels.iter().copied());
-        masks.extend(loaded.masks.iter().flatten().map(|&v| v > 0.5));
-        let (images, _) = loaded.into_tensors(device)?;
-        let out = model.infer(&images)?;
-        scores.extend(out.pred_score.to_vec1::<f32>()?);
-        maps.extend(out.anomaly_map.flatten_all()?.to_vec1::<f32>()?);
-    }
-    let inference_seconds = start.elapsed().as_secs_f64();
-    let metric_err = |e: crate::metrics::MetricsError| TrainError::Config(format!("metrics: {e}"));
-    let postprocess = PostProcessor::fit(&scores, &labels, &maps, &masks).map_err(metric_err)?;
-    let set =
-        EvalSet::new(&scores, &labels, &maps, &masks, size[0], size[1]).map_err(metric_err)?;
-    let metrics = Metrics::compute(&set, &postprocess).map_err(metric_err)?;
-    Ok(Evaluation {
-        metrics,
-        postprocess,
-        scores,
-        labels,
-        paths: entries.iter().map(|e| e.path.clone()).collect(),
-        maps,
-        inference_seconds,
-    })
+/// The labelled samples of data-set entries, for [`dsr_eval::evaluate`].
+pub fn samples_of(entries: &[Entry]) -> Vec<dsr_eval::Sample> {
+    entries
+        .iter()
+        .map(|e| dsr_eval::Sample {
+            path: e.path.clone(),
+            label: e.label,
+            defect_type: e.defect_type.clone(),
+            mask: e.mask_path.clone(),
+        })
+        .collect()
 }
 
 /// Loads `entries` (no masks) at `size` into one batch; the first unreadable file is an error.

@@ -18,7 +18,7 @@ use dsr_core::discrete::DiscreteLatentModel;
 use dsr_core::init::{init_seeded, InitScheme};
 use dsr_core::quantizer::{EmaConfig, VectorQuantizer};
 use dsr_core::weights::{save_checkpoint, DISCRETE_PREFIX};
-use dsr_core::DsrConfig;
+use dsr_core::{DsrConfig, Execution};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -98,6 +98,7 @@ pub struct Pretrainer {
     step: u64,
     used_top: Vec<bool>,
     used_bot: Vec<bool>,
+    exec: Execution,
 }
 
 impl std::fmt::Debug for Pretrainer {
@@ -117,6 +118,17 @@ impl Pretrainer {
     /// A fresh run from seeded weights. Codebooks start from encoder outputs of the first
     /// batch, so that every code begins near the data.
     pub fn new(cfg: PretrainConfig, images: ImageBatch, device: &Device) -> Result<Self> {
+        Self::with_execution(cfg, images, device, Execution::default())
+    }
+
+    /// [`Pretrainer::new`] whose forwards (the codebooks' seeding included) and their backward
+    /// compute under `exec`.
+    pub fn with_execution(
+        cfg: PretrainConfig,
+        images: ImageBatch,
+        device: &Device,
+        exec: Execution,
+    ) -> Result<Self> {
         cfg.model.validate()?;
         dsr_core::config::validate_image_size(cfg.crop, cfg.crop)?;
         if images.n == 0 || images.c != 3 || images.h < cfg.crop || images.w < cfg.crop {
@@ -149,6 +161,7 @@ impl Pretrainer {
             step: 0,
             used_top: vec![false; k],
             used_bot: vec![false; k],
+            exec,
         };
         trainer.seed_codebooks_from_data()?;
         Ok(trainer)
@@ -181,7 +194,9 @@ impl Pretrainer {
     fn seed_codebooks_from_data(&mut self) -> Result<()> {
         let image = self.batch(u64::MAX >> 33)?;
         let ema = self.ema();
-        let out = self.model.forward_pretrain(&image, &ema)?;
+        let out = self
+            .exec
+            .run(|| self.model.forward_pretrain(&image, &ema))?;
         let k = self.cfg.model.num_embeddings as u32;
         let all: Vec<u32> = (0..k).collect();
         let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed ^ 0x5eed);
@@ -212,7 +227,9 @@ impl Pretrainer {
     pub fn train_step(&mut self) -> Result<PretrainReport> {
         let step = self.step;
         let image = self.batch(step)?;
-        let out = self.model.forward_pretrain(&image, &self.ema())?;
+        let out = self
+            .exec
+            .run(|| self.model.forward_pretrain(&image, &self.ema()))?;
         let recon = (&out.recon - &image)?.sqr()?.mean_all()?;
         let loss = ((&recon + &out.top.commitment_loss)? + &out.bot.commitment_loss)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;

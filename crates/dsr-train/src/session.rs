@@ -40,14 +40,16 @@ use std::time::Instant;
 
 use candle_core::Device;
 use dsr_core::weights::{load_checkpoint, save_checkpoint, write_atomic, Checkpoint};
+use dsr_core::Execution;
+use dsr_eval::postprocess::METADATA_KEY;
+use dsr_eval::{evaluate, Detector, EvalOptions, Evaluation, Metrics, PostProcessor};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{
     split_validation, Entry, FolderDataset, FolderLayout, Listing, LoadConfig, MvtecDataset,
     OnError, ValSplit, DEFAULT_MAX_PIXELS,
 };
-use crate::pipeline::{evaluate, load_image_batch_with, Evaluation};
-use crate::postprocess::METADATA_KEY;
+use crate::pipeline::{load_image_batch_with, samples_of};
 use crate::pretrain::{PretrainConfig, PretrainReport, Pretrainer};
 use crate::train::{Phase, Result, StepReport, TrainConfig, TrainError, Trainer};
 
@@ -489,6 +491,10 @@ pub struct RunOutcome {
     pub model: PathBuf,
     /// The evaluation on the validation set (which fitted the post-processor).
     pub validation: Evaluation,
+    /// The post-processor fitted on the validation set (stored with the model).
+    pub postprocess: PostProcessor,
+    /// The validation metrics at the fitted post-processor's thresholds.
+    pub metrics: Metrics,
     /// The test entries (for the test evaluation that follows).
     pub test: Vec<Entry>,
 }
@@ -498,6 +504,7 @@ pub struct RunOutcome {
 pub struct Session {
     cfg: RunConfig,
     dir: RunDir,
+    exec: Execution,
 }
 
 impl Session {
@@ -510,7 +517,11 @@ impl Session {
         };
         let dir = RunDir::create_next(&cfg.output.results, &dataset, &category)?;
         write_atomic(&dir.config_path(), cfg.to_toml()?.as_bytes())?;
-        Ok(Self { cfg, dir })
+        Ok(Self {
+            cfg,
+            dir,
+            exec: Execution::default(),
+        })
     }
 
     /// Reopens the run in `path` (its `config.toml`) to continue it.
@@ -518,7 +529,23 @@ impl Session {
         let dir = RunDir::open(path)?;
         let cfg = RunConfig::from_toml_file(&dir.config_path())?;
         cfg.validate()?;
-        Ok(Self { cfg, dir })
+        Ok(Self {
+            cfg,
+            dir,
+            exec: Execution::default(),
+        })
+    }
+
+    /// The session with its models computing under `exec` (convolution algorithm, recomputation
+    /// of activations); not part of the run's configuration, so it may differ on resume.
+    pub fn with_execution(mut self, exec: Execution) -> Self {
+        self.exec = exec;
+        self
+    }
+
+    /// How its models compute.
+    pub fn execution(&self) -> Execution {
+        self.exec
     }
 
     /// The configuration.
@@ -555,7 +582,7 @@ impl Session {
 
         let last = self.dir.last_checkpoint();
         let mut trainer = if last.is_file() {
-            let trainer = Trainer::resume(&last, images, device)?;
+            let trainer = Trainer::resume(&last, images, device)?.with_execution(self.exec);
             if trainer.config() != &cfg.train {
                 return Err(TrainError::Checkpoint {
                     path: last.display().to_string(),
@@ -572,7 +599,7 @@ impl Session {
             trainer
         } else {
             let discrete = self.discrete(&splits.train, device, start, on_event)?;
-            Trainer::new(cfg.train.clone(), &discrete, images, device)?
+            Trainer::new(cfg.train.clone(), &discrete, images, device)?.with_execution(self.exec)
         };
         let mut log = MetricsLog::open(&self.dir.metrics_log_path(), Some(trainer.step()))?;
 
@@ -610,18 +637,18 @@ impl Session {
             }
         }
 
-        let validation = evaluate(
-            &trainer.inference_model()?,
-            &splits.val,
-            size,
-            cfg.data.eval_batch,
-            device,
-        )?;
+        let validator = Detector::new(trainer.inference_model()?, size, None, device)?;
+        let options = EvalOptions {
+            batch: cfg.data.eval_batch,
+            ..EvalOptions::default()
+        };
+        let validation = evaluate(&validator, samples_of(&splits.val), &options)?;
+        let postprocess = validation.fit_postprocessor()?;
+        let metrics = validation.metrics(&postprocess)?;
         let mut extra = BTreeMap::new();
         extra.insert(
             METADATA_KEY.to_string(),
-            validation
-                .postprocess
+            postprocess
                 .to_json()
                 .map_err(|e| config_error(e.to_string()))?,
         );
@@ -640,10 +667,10 @@ impl Session {
         let summary = serde_json::json!({
             "val_split": cfg.data.val_split,
             "num_images": validation.scores.len(),
-            "num_defective": validation.labels.iter().filter(|&&l| l).count(),
-            "metrics": validation.metrics,
-            "postprocess": validation.postprocess,
-            "inference_seconds": validation.inference_seconds,
+            "num_defective": validation.num_defective(),
+            "metrics": metrics,
+            "postprocess": postprocess,
+            "inference_seconds": validation.seconds,
         });
         write_atomic(
             &self.dir.path.join(VALIDATION_FILE),
@@ -665,6 +692,8 @@ impl Session {
         Ok(RunOutcome {
             model,
             validation,
+            postprocess,
+            metrics,
             test: splits.test,
         })
     }
@@ -719,7 +748,7 @@ impl Session {
             model: cfg.train.model,
             ..cfg.pretrain.clone()
         };
-        let mut pre = Pretrainer::new(pre_cfg, images, device)?;
+        let mut pre = Pretrainer::with_execution(pre_cfg, images, device, self.exec)?;
         // Phase 1 restarts from zero after an interruption: drop its old log lines.
         let mut log = MetricsLog::open(&self.dir.metrics_log_path(), None)?;
         on_event(&SessionEvent::PhaseStart {

@@ -1,4 +1,4 @@
-//! Phases 2 and 3 of DSR training (spec §8): the schedule, the seeded training step, and
+//! Phases 2 and 3 of DSR training: the schedule, the seeded training step, and
 //! checkpoints from which a killed run resumes as if it had never stopped.
 //!
 //! Every random draw of step `s` (which images, the Perlin masks, the phase-2 code picks, the
@@ -13,7 +13,7 @@ use candle_nn::{VarBuilder, VarMap};
 use dsr_augment::{ImageBatch, MaskGenerator, Recipe, SmudgeGenerator};
 use dsr_core::init::{init_seeded, InitScheme};
 use dsr_core::weights::{load_safetensors, save_checkpoint, Checkpoint, DISCRETE_PREFIX};
-use dsr_core::{DsrConfig, DsrModel, SeededRandomness};
+use dsr_core::{DsrConfig, DsrModel, Execution, SeededRandomness};
 use dsr_losses::{second_stage_loss, third_stage_loss, FocalKind, SecondStageInputs};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -60,6 +60,10 @@ pub enum TrainError {
     /// A data-set file or folder could not be used; the message names it and says what to fix.
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
+    /// The validation could not run (an unreadable image or mask, metrics of a set without
+    /// both classes); the message names the file or says what is missing.
+    #[error(transparent)]
+    Eval(#[from] dsr_eval::EvalError),
     /// The configuration cannot be trained; the message says why.
     #[error("invalid training configuration: {0}")]
     Config(String),
@@ -428,6 +432,14 @@ impl Trainer {
         })
     }
 
+    /// The trainer with its model computing under `exec` (convolution algorithm, recomputation
+    /// of activations in the backward); the results are the same either way within the
+    /// convolutions' rounding, bit for bit for the recomputation.
+    pub fn with_execution(mut self, exec: Execution) -> Self {
+        self.model = self.model.with_execution(exec);
+        self
+    }
+
     /// The configuration.
     pub fn config(&self) -> &TrainConfig {
         &self.cfg
@@ -464,7 +476,8 @@ impl Trainer {
 
     /// The model's current weights as a model for inference: plain tensors outside the autograd
     /// graph (sharing the trained values' storage), which run exactly as a model loaded from a
-    /// saved file does, Winograd's convolutions included, and build no graph.
+    /// saved file does, under the trainer's convolution algorithm, and build no graph. It keeps
+    /// no transformed filters (its weights change with the next step).
     pub fn inference_model(&self) -> Result<DsrModel> {
         let tensors = self
             .model_tensors()
@@ -472,7 +485,7 @@ impl Trainer {
             .map(|(k, v)| (k, v.detach()))
             .collect();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &self.device);
-        Ok(DsrModel::new(&self.cfg.model, vb)?)
+        Ok(DsrModel::new(&self.cfg.model, vb)?.with_execution(self.model.execution()))
     }
 
     /// The model's tensors under their PyTorch keys.

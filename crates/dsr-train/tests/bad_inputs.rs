@@ -5,9 +5,10 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use dsr_eval::image::{decode_checked, ImageError};
 use dsr_train::data::{
-    decode_checked, list_images, load_image, load_images, DataError, Entry, FolderDataset,
-    FolderLayout, LoadConfig, MvtecDataset, OnError, DEFAULT_MAX_PIXELS,
+    list_images, load_image, load_images, DataError, Entry, FolderDataset, FolderLayout,
+    LoadConfig, MvtecDataset, OnError, DEFAULT_MAX_PIXELS,
 };
 use image::{ImageBuffer, ImageFormat, Luma, LumaA, Rgb, RgbImage, Rgba};
 
@@ -371,12 +372,12 @@ fn every_kind_of_image_loads_or_names_the_file() {
     assert!(
         matches!(
             e,
-            DataError::TooLarge {
+            DataError::Image(ImageError::TooLarge {
                 width: 16,
                 height: 12,
                 limit: 100,
                 ..
-            }
+            })
         ),
         "{e:?}"
     );
@@ -386,7 +387,10 @@ fn every_kind_of_image_loads_or_names_the_file() {
     fs::create_dir_all(&folder).unwrap();
     let e = outcome("a folder named .png", &folder).unwrap_err();
     assert!(
-        matches!(e, DataError::Io { .. } | DataError::NotAnImage { .. }),
+        matches!(
+            e,
+            DataError::Image(ImageError::Io { .. } | ImageError::NotAnImage { .. })
+        ),
         "{e:?}"
     );
 }
@@ -420,7 +424,10 @@ fn unreadable_files_and_folders_are_named() {
         fs::set_permissions(&img, fs::Permissions::from_mode(0o000)).unwrap();
         fs::set_permissions(&sub, fs::Permissions::from_mode(0o000)).unwrap();
         let e = load_image(&img, &LoadConfig::new(8, 8)).unwrap_err();
-        assert!(matches!(e, DataError::Io { .. }), "{e:?}");
+        assert!(
+            matches!(e, DataError::Image(ImageError::Io { .. })),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("locked.png"), "{e}");
         let e = list_images(&sub).unwrap_err();
         assert!(e.to_string().contains("locked-dir"), "{e}");

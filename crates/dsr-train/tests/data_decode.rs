@@ -4,6 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use dsr_eval::image::ImageError;
 use dsr_train::data::{load_batch, load_image, load_sample, DataError, Entry, LoadConfig, OnError};
 use image::{ImageBuffer, Luma, LumaA, Rgb, Rgba};
 
@@ -334,13 +335,19 @@ fn bad_files_give_errors_naming_the_file() {
     let empty = dir.path("empty.png");
     fs::write(&empty, b"").unwrap();
     let err = load_image(&empty, &cfg).unwrap_err();
-    assert!(matches!(err, DataError::EmptyFile { .. }), "{err:?}");
+    assert!(
+        matches!(err, DataError::Image(ImageError::EmptyFile { .. })),
+        "{err:?}"
+    );
     assert_names(&err, &empty);
 
     let text = dir.path("text.png");
     fs::write(&text, b"this is not an image at all").unwrap();
     let err = load_image(&text, &cfg).unwrap_err();
-    assert!(matches!(err, DataError::NotAnImage { .. }), "{err:?}");
+    assert!(
+        matches!(err, DataError::Image(ImageError::NotAnImage { .. })),
+        "{err:?}"
+    );
     assert_names(&err, &text);
 
     let good = dir.path("good.png");
@@ -351,12 +358,18 @@ fn bad_files_give_errors_naming_the_file() {
     let truncated = dir.path("truncated.png");
     fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_image(&truncated, &cfg).unwrap_err();
-    assert!(matches!(err, DataError::Decode { .. }), "{err:?}");
+    assert!(
+        matches!(err, DataError::Image(ImageError::Decode { .. })),
+        "{err:?}"
+    );
     assert_names(&err, &truncated);
 
     let missing = dir.path("missing.png");
     let err = load_image(&missing, &cfg).unwrap_err();
-    assert!(matches!(err, DataError::Io { .. }), "{err:?}");
+    assert!(
+        matches!(err, DataError::Image(ImageError::Io { .. })),
+        "{err:?}"
+    );
     assert_names(&err, &missing);
 
     let limited = LoadConfig {
@@ -367,12 +380,12 @@ fn bad_files_give_errors_naming_the_file() {
     assert!(
         matches!(
             err,
-            DataError::TooLarge {
+            DataError::Image(ImageError::TooLarge {
                 width: 64,
                 height: 64,
                 limit: 1000,
                 ..
-            }
+            })
         ),
         "{err:?}"
     );
@@ -383,7 +396,10 @@ fn bad_files_give_errors_naming_the_file() {
         .save(&mask)
         .unwrap();
     let err = load_sample(&entry(good.clone(), Some(mask.clone()), true), &cfg, true).unwrap_err();
-    assert!(matches!(err, DataError::MaskSize { .. }), "{err:?}");
+    assert!(
+        matches!(err, DataError::Image(ImageError::MaskSize { .. })),
+        "{err:?}"
+    );
     assert_names(&err, &mask);
     assert_names(&err, &good);
 
@@ -417,7 +433,10 @@ fn on_error_skip_reports_and_fail_returns_the_first_error() {
 
     let fail = LoadConfig::new(2, 2);
     let err = load_batch(&entries, &fail, false).unwrap_err();
-    assert!(matches!(err, DataError::EmptyFile { .. }), "{err:?}");
+    assert!(
+        matches!(err, DataError::Image(ImageError::EmptyFile { .. })),
+        "{err:?}"
+    );
     assert_names(&err, &b);
 
     let skip = LoadConfig {

@@ -1,0 +1,331 @@
+//! Weight I/O: our safetensors checkpoints, the official pretrained `.pckl` of the discrete
+//! model, anomalib Lightning checkpoints, and the checks that make a bad file fail with a
+//! message naming the file and the problem.
+//!
+//! Tensor names are always the PyTorch state_dict keys; the constructors spell them with
+//! `vb.pp(…)`, so no renaming table exists anywhere.
+//!
+//! This module holds the checkpoint itself: [`Checkpoint`], every metadata key our files carry
+//! (the `META_*` constants and [`parse_metadata`]), format detection, [`load_checkpoint`],
+//! [`check_tensors`] and [`save_checkpoint`]. The formats live in [`safetensors`] (our
+//! checkpoints) and [`torch`] (PyTorch zip archives behind a pickle guard: the official `.pckl`
+//! and anomalib `.ckpt`); [`backends`] holds the `VarBuilder` backends the models are built
+//! through. Files are written atomically by [`crate::atomic`].
+
+mod backends;
+mod pickle_guard;
+pub mod safetensors;
+pub mod torch;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+pub(crate) use self::backends::{record_shapes, DetachedBackend};
+pub use self::safetensors::{load_safetensors, safetensors_from_bytes, MAX_SAFETENSORS_HEADER};
+pub use self::torch::{
+    load_discrete_pckl, load_lightning_ckpt, load_torch, MAX_ARCHIVE_ENTRIES,
+    MAX_COMPRESSION_RATIO, MAX_PICKLE_BYTES,
+};
+pub use crate::atomic::{is_temp_file_of, write_atomic};
+use crate::{DsrConfig, DsrModel, Error, Execution, Result};
+
+/// Metadata key of the model configuration (JSON) in our checkpoints.
+pub const META_CONFIG: &str = "dsr.config";
+/// Metadata key of the training image size (JSON `[H, W]`) in our checkpoints.
+pub const META_IMAGE_SIZE: &str = "dsr.image_size";
+/// Metadata key naming the file a checkpoint was converted from.
+pub const META_CONVERTED_FROM: &str = "dsr.converted_from";
+/// Metadata key marking a checkpoint that holds only part of the model (its value names the
+/// part, e.g. `discrete_latent_model`).
+pub const META_PARTIAL: &str = "dsr.partial";
+/// Prefix of the discrete latent model's keys inside a full DSR state_dict.
+pub const DISCRETE_PREFIX: &str = "discrete_latent_model.";
+/// Prefix of the model's keys inside an anomalib Lightning checkpoint's `state_dict`.
+pub const LIGHTNING_PREFIX: &str = "model.";
+
+/// Weights read from a file, with what the file says about itself.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The file the weights came from.
+    pub path: PathBuf,
+    /// Every tensor, under its PyTorch key, as f32 on the CPU.
+    pub tensors: HashMap<String, Tensor>,
+    /// The model configuration, when the file records it.
+    pub config: Option<DsrConfig>,
+    /// The image size `[H, W]` the model was trained at, when the file records it.
+    pub image_size: Option<[usize; 2]>,
+    /// All string metadata of the file (unknown entries are kept and ignored).
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// The on-disk formats we can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// A safetensors file (ours, or any with PyTorch keys).
+    Safetensors,
+    /// A PyTorch zip archive written by `torch.save` (`.pckl`, `.pth`, `.pt`, Lightning `.ckpt`).
+    TorchZip,
+    /// The legacy (pre-1.6, non-zip) PyTorch pickle format, which we do not read.
+    TorchLegacy,
+}
+
+/// Recognises a weight file by its first bytes.
+pub fn detect_format(path: &Path) -> Result<WeightFormat> {
+    let mut head = [0u8; 16];
+    let mut file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let n = read_up_to(&mut file, &mut head).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let head = &head[..n];
+    if n == 0 {
+        return Err(Error::weights(path, "the file is empty"));
+    }
+    if head.starts_with(b"PK\x03\x04") {
+        return Ok(WeightFormat::TorchZip);
+    }
+    if head.first() == Some(&0x80) && n >= 2 && head[1] <= 5 {
+        return Ok(WeightFormat::TorchLegacy);
+    }
+    if n >= 9 {
+        let header_len = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+        if head[8] == b'{' && header_len > 1 && header_len < 100_000_000 {
+            return Ok(WeightFormat::Safetensors);
+        }
+    }
+    Err(Error::weights(
+        path,
+        "not a weight file this program reads (expected safetensors, or a PyTorch zip archive such as a .pckl/.pth/.ckpt)",
+    ))
+}
+
+pub(crate) fn read_up_to(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+pub(crate) const LEGACY_HINT: &str = "this is the legacy (non-zip) PyTorch format, which is not supported; re-save it in PyTorch with `torch.save(torch.load(path), path)` (PyTorch ≥ 1.6 writes the zip format by default)";
+
+/// Reads the configuration ([`META_CONFIG`]) and the image size ([`META_IMAGE_SIZE`]) from a
+/// checkpoint's metadata, when present; both must be usable (every field of the configuration
+/// in range, an image size the network takes), else the error names the entry and the problem.
+pub fn parse_metadata(
+    path: &Path,
+    metadata: &BTreeMap<String, String>,
+) -> Result<(Option<DsrConfig>, Option<[usize; 2]>)> {
+    let config = match metadata.get(META_CONFIG) {
+        Some(json) => {
+            let cfg = serde_json::from_str::<DsrConfig>(json).map_err(|e| {
+                Error::weights(
+                    path,
+                    format!("metadata '{META_CONFIG}' is not a valid configuration: {e}"),
+                )
+            })?;
+            cfg.validate().map_err(|e| {
+                Error::weights(
+                    path,
+                    format!("metadata '{META_CONFIG}' is not a usable configuration: {e}"),
+                )
+            })?;
+            Some(cfg)
+        }
+        None => None,
+    };
+    let image_size = match metadata.get(META_IMAGE_SIZE) {
+        Some(json) => {
+            let size = serde_json::from_str::<[usize; 2]>(json).map_err(|e| {
+                Error::weights(
+                    path,
+                    format!("metadata '{META_IMAGE_SIZE}' must be [H, W]: {e}"),
+                )
+            })?;
+            crate::config::validate_image_size(size[0], size[1]).map_err(|e| {
+                Error::weights(
+                    path,
+                    format!("metadata '{META_IMAGE_SIZE}' is not usable: {e}"),
+                )
+            })?;
+            Some(size)
+        }
+        None => None,
+    };
+    Ok((config, image_size))
+}
+
+/// Reads any supported weight file: safetensors, an anomalib `.ckpt`, or a PyTorch state_dict
+/// (a full DSR one, or the discrete model alone, which is returned under full keys).
+pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
+    match detect_format(path)? {
+        WeightFormat::Safetensors => load_safetensors(path),
+        WeightFormat::TorchLegacy => Err(Error::weights(path, LEGACY_HINT)),
+        WeightFormat::TorchZip => {
+            // A Lightning checkpoint nests its weights under `state_dict`.
+            if let Ok(ckpt) = load_lightning_ckpt(path) {
+                return Ok(ckpt);
+            }
+            let tensors = load_torch(path, None)?;
+            if tensors.keys().any(|k| k.starts_with(DISCRETE_PREFIX)) {
+                Ok(Checkpoint {
+                    path: path.to_path_buf(),
+                    tensors,
+                    config: None,
+                    image_size: None,
+                    metadata: BTreeMap::new(),
+                })
+            } else {
+                load_discrete_pckl(path)
+            }
+        }
+    }
+}
+
+/// Checks that `tensors` holds exactly the keys of `expected` with the same shapes and only
+/// finite values; the error lists what is missing, unexpected or of the wrong shape.
+pub fn check_tensors(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    expected: &[(String, Vec<usize>)],
+) -> Result<()> {
+    let mut problems = Vec::new();
+    for (key, shape) in expected {
+        match tensors.get(key) {
+            None => problems.push(format!("missing tensor '{key}' (shape {shape:?})")),
+            Some(t) if t.dims() != shape.as_slice() => problems.push(format!(
+                "tensor '{key}' has shape {:?}, the configuration needs {shape:?}",
+                t.dims()
+            )),
+            Some(_) => {}
+        }
+    }
+    let known: std::collections::HashSet<&str> = expected.iter().map(|(k, _)| k.as_str()).collect();
+    let mut extra: Vec<&String> = tensors
+        .keys()
+        .filter(|k| !known.contains(k.as_str()))
+        .collect();
+    extra.sort();
+    for key in extra {
+        problems.push(format!("unexpected tensor '{key}'"));
+    }
+    if !problems.is_empty() {
+        let n = problems.len();
+        problems.truncate(8);
+        let more = if n > 8 {
+            format!(" (and {} more)", n - 8)
+        } else {
+            String::new()
+        };
+        return Err(Error::weights(
+            path,
+            format!("does not match the model: {}{more}", problems.join("; ")),
+        ));
+    }
+    for (key, _) in expected {
+        // Element by element: a maximum skips NaN, so it cannot be used to find one.
+        let values = tensors[key]
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::weights(
+                path,
+                format!(
+                    "tensor '{key}' holds NaN or infinite values (element {i} is {})",
+                    values[i]
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Checkpoint {
+    /// The configuration to build the model with: the file's own, else `fallback`.
+    pub fn config_or(&self, fallback: &DsrConfig) -> DsrConfig {
+        self.config.unwrap_or(*fallback)
+    }
+
+    /// Builds a [`DsrModel`] (inference constants) after checking every key and shape against
+    /// `cfg`.
+    pub fn build_model(&self, cfg: &DsrConfig, device: &Device) -> Result<DsrModel> {
+        check_tensors(&self.path, &self.tensors, &cfg.state_dict_shapes()?)?;
+        let vb = VarBuilder::from_tensors(self.tensors.clone(), DType::F32, device);
+        DsrModel::new(cfg, vb)
+    }
+
+    /// Builds the model for inference under `exec`, checking every tensor against `cfg` first.
+    /// The tensors move into the model: weights read from a file, which nothing changes, so its
+    /// layers keep the copies of their weights that the kernels take (the transformed filters of
+    /// Winograd's algorithm, 4× the 3×3 weights) between calls instead of making them again
+    /// each time (memory and time: docs/performance.md). Only for tensors that share no storage with training variables (a `Var`'s
+    /// detached view would change under the kept copies); [`Checkpoint::build_model`] keeps
+    /// nothing.
+    pub fn into_inference_model(
+        self,
+        cfg: &DsrConfig,
+        device: &Device,
+        exec: Execution,
+    ) -> Result<DsrModel> {
+        check_tensors(&self.path, &self.tensors, &cfg.state_dict_shapes()?)?;
+        if let Some((key, _)) = self.tensors.iter().find(|(_, t)| t.is_variable()) {
+            return Err(Error::weights(
+                &self.path,
+                format!("'{key}' is a training variable, not a weight read from a file"),
+            ));
+        }
+        let vb = VarBuilder::from_tensors(self.tensors, DType::F32, device);
+        Ok(DsrModel::new(cfg, vb)?
+            .with_execution(exec)
+            .keeping_filters())
+    }
+}
+
+/// Writes `tensors` with our metadata (`dsr.config`, `dsr.image_size`, plus `extra`) to a
+/// safetensors file, atomically: a temporary file in the same folder is written, synced and
+/// renamed over `path`, so a crash never leaves a half-written checkpoint.
+pub fn save_checkpoint(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    cfg: &DsrConfig,
+    image_size: Option<[usize; 2]>,
+    extra: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut metadata: HashMap<String, String> =
+        extra.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    metadata.insert(
+        META_CONFIG.into(),
+        serde_json::to_string(cfg).map_err(|e| Error::Config(e.to_string()))?,
+    );
+    if let Some(size) = image_size {
+        metadata.insert(
+            META_IMAGE_SIZE.into(),
+            format!("[{}, {}]", size[0], size[1]),
+        );
+    }
+    let mut sorted: Vec<(&String, Tensor)> = Vec::with_capacity(tensors.len());
+    for (k, v) in tensors {
+        sorted.push((
+            k,
+            v.to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .contiguous()?,
+        ));
+    }
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let bytes =
+        ::safetensors::serialize(sorted.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
+            .map_err(|e| Error::weights(path, format!("cannot serialise the checkpoint: {e}")))?;
+    write_atomic(path, &bytes)
+}
