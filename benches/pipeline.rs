@@ -15,7 +15,9 @@
 //! `--recompute` sets `Execution::recompute` of the trainer (training memory
 //! against time; `dsr train --recompute`). Inference runs as `dsr predict` does (Winograd's 3×3
 //! convolutions, layers keeping their transformed filters); `--direct-conv` turns Winograd off
-//! (`dsr --direct-conv`).
+//! (`dsr --direct-conv`). `--device cuda` runs on the first CUDA GPU (built with
+//! `--features dsr-train/cuda`, docs/gpu.md); each timed call then ends with the device
+//! synchronised, and the JSON adds `"device": "cuda"`.
 
 use std::time::Instant;
 
@@ -86,7 +88,11 @@ fn main() -> BoxResult<()> {
         recompute,
         ..Execution::default()
     };
-    let device = Device::Cpu;
+    let device = match arg(&args, "--device", "cpu").as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        other => return Err(format!("unknown device '{other}' (cpu or cuda)").into()),
+    };
 
     let seconds = match mode.as_str() {
         "infer" => {
@@ -107,6 +113,7 @@ fn main() -> BoxResult<()> {
             let image = Tensor::rand(0f32, 1f32, (batch, 3, size, size), &device)?;
             time_calls(repeat, || {
                 let out = model.infer(&image)?;
+                device.synchronize()?;
                 std::hint::black_box(out);
                 Ok(())
             })?
@@ -129,6 +136,7 @@ fn main() -> BoxResult<()> {
             .with_execution(exec);
             time_calls(repeat, || {
                 trainer.train_step()?;
+                device.synchronize()?;
                 Ok(())
             })?
         }
@@ -142,6 +150,7 @@ fn main() -> BoxResult<()> {
         "batch": batch,
         "size": size,
         "preset": preset,
+        "device": if device.is_cuda() { "cuda" } else { "cpu" },
         "recompute": recompute,
         "seconds": seconds,
         "median_s": median,

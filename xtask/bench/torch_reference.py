@@ -3,6 +3,7 @@
 Called by `cargo xtask bench --torch PYTHON`; can be run by hand:
 
     python xtask/bench/torch_reference.py infer --batch 1 --size 256 --repeat 5
+    python xtask/bench/torch_reference.py infer --batch 8 --size 256 --device cuda
 
 Needs `pip install torch anomalib==2.7.0`. Random weights and images, one untimed warm-up call,
 then --repeat timed calls; the last stdout line is the same JSON object as the Rust bench prints.
@@ -33,12 +34,19 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = DsrModel(latent_anomaly_strength=0.2)
-    image = torch.rand(args.batch, 3, args.size, args.size)
+    dev = torch.device(args.device)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    model = DsrModel(latent_anomaly_strength=0.2).to(dev)
+    image = torch.rand(args.batch, 3, args.size, args.size, device=dev)
 
     if args.mode == "infer":
         model.eval()
@@ -46,6 +54,7 @@ def main() -> None:
         def call() -> None:
             with torch.inference_mode():
                 model(image)
+            sync()
 
     elif args.mode == "phase2":
         model.train()
@@ -59,7 +68,7 @@ def main() -> None:
         )
 
         def call() -> None:
-            mask = (torch.rand(args.batch, 1, args.size, args.size) > 0.7).float()
+            mask = (torch.rand(args.batch, 1, args.size, args.size, device=dev) > 0.7).float()
             out = model(image, mask)
             loss = loss_fn(
                 out["recon_feat_hi"],
@@ -74,6 +83,7 @@ def main() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sync()
 
     else:
         model.train()
@@ -81,12 +91,13 @@ def main() -> None:
         opt = torch.optim.Adam(model.upsampling_module.parameters(), lr=2e-4)
 
         def call() -> None:
-            mask = (torch.rand(args.batch, 1, args.size, args.size) > 0.7).float()
+            mask = (torch.rand(args.batch, 1, args.size, args.size, device=dev) > 0.7).float()
             out = model(image)
             loss = loss_fn(out["anomaly_map"], mask)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sync()
 
     call()  # warm-up
     seconds = []
@@ -102,11 +113,17 @@ def main() -> None:
                 "batch": args.batch,
                 "size": args.size,
                 "preset": "reference",
+                "device": args.device,
                 "seconds": seconds,
                 "median_s": median,
                 "images_per_s": args.batch / median,
                 # ru_maxrss is in KiB on Linux.
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                # The caching allocator's peak (GPU only; the process's whole use, context
+                # included, is read with nvidia-smi by the caller).
+                "peak_cuda_allocated_bytes": torch.cuda.max_memory_allocated()
+                if dev.type == "cuda"
+                else 0,
             }
         )
     )

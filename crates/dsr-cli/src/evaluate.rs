@@ -41,6 +41,9 @@ pub struct TestArgs {
     /// header before decoding).
     #[arg(long, value_name = "N", default_value_t = dsr_eval::image::DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
+    /// The compute device.
+    #[arg(long, value_enum, default_value_t = crate::train::DeviceArg::Cpu)]
+    pub device: crate::train::DeviceArg,
 }
 
 /// Lists the test split of an MVTec-layout data set (see dsr-train's data module).
@@ -89,7 +92,7 @@ pub fn run(args: &TestArgs, exec: Execution) -> Result<()> {
         bail!("--batch must be at least 1");
     }
     let (root, samples) = scan_test_split(&args.data, args.category.as_deref())?;
-    let detector = Detector::load(&args.model, exec)?;
+    let detector = Detector::load_on(&args.model, exec, &args.device.device()?)?;
     let options = EvalOptions {
         batch: args.batch,
         on_error: args.on_error,

@@ -49,6 +49,9 @@ pub struct PredictArgs {
     /// before decoding).
     #[arg(long, value_name = "N", default_value_t = dsr_eval::image::DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
+    /// The compute device.
+    #[arg(long, value_enum, default_value_t = crate::train::DeviceArg::Cpu)]
+    pub device: crate::train::DeviceArg,
 }
 
 /// The journal of finished images inside the output folder.
@@ -254,7 +257,7 @@ pub fn run(args: &PredictArgs, exec: Execution) -> Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let model = Detector::load(&args.model, exec)?;
+    let model = Detector::load_on(&args.model, exec, &args.device.device()?)?;
     let (files, problems) = expand_inputs(&args.paths);
     let mut skipped: Vec<Skipped> = Vec::new();
     for (input, problem) in problems {

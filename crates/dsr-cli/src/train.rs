@@ -305,7 +305,7 @@ pub fn run_session(session: &Session, device: &Device, test: bool) -> Result<Run
         let cfg = session.config();
         let root = cfg.data.display_root();
         let samples = evaluate::samples_from_entries(&outcome.test, &root)?;
-        let detector = Detector::load(&outcome.model, session.execution())?;
+        let detector = Detector::load_on(&outcome.model, session.execution(), device)?;
         // With the validation set equal to the test set (anomalib's default) the validation
         // has already evaluated every test image with this model: its evaluation is the test's.
         let tested;

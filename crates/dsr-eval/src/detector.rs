@@ -43,6 +43,12 @@ impl Detector {
     /// in the file, the input size is the recorded one (else [`DEFAULT_IMAGE_SIZE`]) and the
     /// post-processor the one stored under [`METADATA_KEY`], if any.
     pub fn load(path: &Path, exec: Execution) -> Result<Self> {
+        Self::load_on(path, exec, &Device::Cpu)
+    }
+
+    /// [`Detector::load`] with the model on `device` (a CUDA GPU, say; images are moved there
+    /// batch by batch).
+    pub fn load_on(path: &Path, exec: Execution, device: &Device) -> Result<Self> {
         if !path.exists() {
             return Err(EvalError::MissingModel(path.to_path_buf()));
         }
@@ -70,7 +76,7 @@ impl Detector {
                 })?),
                 None => None,
             };
-        let device = Device::Cpu;
+        let device = device.clone();
         let model = ckpt
             .into_inference_model(&cfg, &device, exec)
             .map_err(|source| EvalError::BuildModel {
