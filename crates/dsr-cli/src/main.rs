@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use dsr_core::weights::{load_checkpoint, META_CONFIG, META_IMAGE_SIZE};
+use dsr_core::weights::{load_checkpoint, META_CONFIG, META_IMAGE_SIZE, META_OUTPUT_MAP};
 use dsr_train::postprocess::{PostProcessor, METADATA_KEY};
 
 const EXIT_CODES: &str = "Exit codes:
@@ -166,7 +166,7 @@ enum Command {
         settings: train::TrainOverrides,
         /// Continue the run in this folder (its config.toml and weights/last.safetensors); the
         /// other settings flags are not allowed with it.
-        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "data", "category", "on_error", "max_pixels", "normal_dir", "abnormal_dir", "normal_test_dir", "mask_dir", "vq_weights", "pretrain", "pretrain_steps", "preset", "image_size", "batch", "phase2_steps", "phase3_steps", "recipe", "focal", "seed", "results", "checkpoint_every", "set"])]
+        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "data", "category", "on_error", "max_pixels", "normal_dir", "abnormal_dir", "normal_test_dir", "mask_dir", "vq_weights", "pretrain", "pretrain_steps", "preset", "image_size", "batch", "phase2_steps", "phase3_steps", "recipe", "focal", "seed", "results", "checkpoint_every", "set", "time_budget"])]
         resume: Option<PathBuf>,
         /// Skip the test evaluation at the end.
         #[arg(long)]
@@ -251,6 +251,13 @@ enum Command {
         /// A smoke run of a few steps at 64×64 (seconds; the model learns little).
         #[arg(long)]
         quick: bool,
+        /// The wall time of the whole demo (training and test), planned as `dsr train
+        /// --time-budget` plans it; e.g. 10m, 1h. Not used with --quick.
+        #[arg(long, value_name = "DURATION", value_parser = train::parse_budget, default_value = train::DEMO_BUDGET)]
+        time_budget: f64,
+        /// Seed of every random draw.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        seed: u64,
         /// The compute device.
         #[arg(long, value_enum, default_value_t = train::DeviceArg::Cpu)]
         device: train::DeviceArg,
@@ -400,11 +407,15 @@ fn main() -> ExitCode {
             data,
             results,
             quick,
+            time_budget,
+            seed,
             device,
         } => train::demo(&train::DemoArgs {
             data,
             results,
             quick,
+            time_budget,
+            seed,
             device,
         }),
     };
@@ -446,11 +457,21 @@ fn info(path: PathBuf) -> Result<()> {
         },
         None => println!("thresholds: none (no post-processor stored)"),
     }
+    match ckpt.output_map() {
+        Ok(map) => println!(
+            "output map: {map} ({})",
+            match map {
+                dsr_core::OutputMap::Refined => "the upsampling module's refined mask",
+                dsr_core::OutputMap::Detection => "the anomaly detection module's mask",
+            }
+        ),
+        Err(e) => println!("output map: not valid: {e}"),
+    }
     println!("tensors: {}", ckpt.tensors.len());
     let elements: usize = ckpt.tensors.values().map(|t| t.elem_count()).sum();
     println!("elements: {elements}");
     for (k, v) in &ckpt.metadata {
-        if k != META_CONFIG && k != META_IMAGE_SIZE && k != METADATA_KEY {
+        if ![META_CONFIG, META_IMAGE_SIZE, METADATA_KEY, META_OUTPUT_MAP].contains(&k.as_str()) {
             println!("metadata {k}: {v}");
         }
     }

@@ -39,6 +39,7 @@
 
 #![deny(missing_docs)]
 
+pub mod budget;
 pub mod data;
 pub mod metrics;
 pub mod optim;

@@ -39,7 +39,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
-use dsr_core::weights::{load_checkpoint, save_checkpoint, write_atomic, Checkpoint};
+use dsr_core::weights::{
+    load_checkpoint, save_checkpoint, write_atomic, Checkpoint, META_OUTPUT_MAP,
+};
+use dsr_core::OutputMap;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{
@@ -171,6 +174,19 @@ pub struct VqSection {
     pub pretrain: bool,
 }
 
+/// Which mask the trained model outputs as its anomaly map (`output.map`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MapChoice {
+    /// The better of the two on the validation set ([`choose_map`]).
+    #[default]
+    Auto,
+    /// The upsampling module's refined mask (the reference's output).
+    Refined,
+    /// The anomaly detection module's own mask.
+    Detection,
+}
+
 /// Where results go and how often checkpoints are written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -179,6 +195,10 @@ pub struct OutputSection {
     pub results: PathBuf,
     /// Write `weights/last.safetensors` every this many phase-2/3 steps (and at the end).
     pub checkpoint_every: u64,
+    /// The anomaly map the model outputs: `"auto"` (both are measured on the validation set
+    /// and the better one is kept), `"refined"` or `"detection"`. Recorded in the model file
+    /// (`dsr.output_map`).
+    pub map: MapChoice,
 }
 
 impl Default for OutputSection {
@@ -186,7 +206,33 @@ impl Default for OutputSection {
         Self {
             results: PathBuf::from("results"),
             checkpoint_every: 100,
+            map: MapChoice::Auto,
         }
+    }
+}
+
+/// The summed pixel figures (pixel AUROC + pixel AP + AUPRO) by which `output.map = "auto"`
+/// compares the two maps; the image score does not depend on the map.
+pub fn map_quality(m: &crate::metrics::Metrics) -> f64 {
+    m.pixel_auroc + m.pixel_ap + m.pixel_aupro
+}
+
+/// The map to output under `choice`, from the validation metrics of the refined and the
+/// detection map: for [`MapChoice::Auto`] the detection map when phase 3 took no step (the
+/// upsampling module is untrained), else the one with the higher [`map_quality`] (the refined
+/// one on a tie or when a figure is undefined).
+pub fn choose_map(
+    choice: MapChoice,
+    refined: &crate::metrics::Metrics,
+    detection: &crate::metrics::Metrics,
+    phase3_trained: bool,
+) -> OutputMap {
+    match choice {
+        MapChoice::Refined => OutputMap::Refined,
+        MapChoice::Detection => OutputMap::Detection,
+        MapChoice::Auto if !phase3_trained => OutputMap::Detection,
+        MapChoice::Auto if map_quality(detection) > map_quality(refined) => OutputMap::Detection,
+        MapChoice::Auto => OutputMap::Refined,
     }
 }
 
@@ -475,6 +521,15 @@ pub enum SessionEvent {
         /// Steps already taken.
         step: u64,
     },
+    /// Both maps were measured on the validation set and one was chosen as the output.
+    OutputMap {
+        /// The map the model outputs.
+        chosen: OutputMap,
+        /// Validation metrics of the refined map.
+        refined: Box<crate::metrics::Metrics>,
+        /// Validation metrics of the detection module's map.
+        detection: Box<crate::metrics::Metrics>,
+    },
     /// The validation finished and the final model was written.
     Finished {
         /// `weights/model.safetensors`.
@@ -610,14 +665,40 @@ impl Session {
             }
         }
 
-        let validation = evaluate(
-            &trainer.inference_model()?,
-            &splits.val,
-            size,
-            cfg.data.eval_batch,
-            device,
-        )?;
+        // Both maps are measured on the validation set; the model outputs the chosen one.
+        let model = trainer.inference_model()?;
+        let eval_map = |map: OutputMap| {
+            evaluate(
+                &model.clone().with_output_map(map),
+                &splits.val,
+                size,
+                cfg.data.eval_batch,
+                device,
+            )
+        };
+        let refined = eval_map(OutputMap::Refined)?;
+        let detection = eval_map(OutputMap::Detection)?;
+        let output_map = choose_map(
+            cfg.output.map,
+            &refined.metrics,
+            &detection.metrics,
+            plan.phase3_steps > 0,
+        );
+        let maps = serde_json::json!({
+            "refined": refined.metrics,
+            "detection": detection.metrics,
+        });
+        on_event(&SessionEvent::OutputMap {
+            chosen: output_map,
+            refined: Box::new(refined.metrics),
+            detection: Box::new(detection.metrics),
+        });
+        let validation = match output_map {
+            OutputMap::Refined => refined,
+            OutputMap::Detection => detection,
+        };
         let mut extra = BTreeMap::new();
+        extra.insert(META_OUTPUT_MAP.to_string(), output_map.to_string());
         extra.insert(
             METADATA_KEY.to_string(),
             validation
@@ -642,6 +723,8 @@ impl Session {
             "num_images": validation.scores.len(),
             "num_defective": validation.labels.iter().filter(|&&l| l).count(),
             "metrics": validation.metrics,
+            "output_map": output_map,
+            "maps": maps,
             "postprocess": validation.postprocess,
             "inference_seconds": validation.inference_seconds,
         });
@@ -827,6 +910,49 @@ mod tests {
         assert_eq!(cfg.pretrain.model.embedding_dim, 16);
         let back = RunConfig::from_toml_str(&cfg.to_toml().unwrap()).unwrap();
         assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn the_output_map_is_the_better_one_unless_chosen_or_phase_3_is_untrained() {
+        let metrics = |pixel_auroc: f64, pixel_ap: f64, pixel_aupro: f64| crate::metrics::Metrics {
+            image_auroc: 0.9,
+            image_ap: 0.9,
+            image_f1_max: 0.9,
+            image_f1_max_threshold: 0.5,
+            image_f1: 0.9,
+            pixel_auroc,
+            pixel_ap,
+            pixel_aupro,
+            pixel_f1_max: 0.3,
+            pixel_f1_max_threshold: 0.5,
+            pixel_f1: 0.3,
+        };
+        let weak = metrics(0.70, 0.20, 0.40);
+        let strong = metrics(0.80, 0.25, 0.45);
+        assert!((map_quality(&strong) - 1.5).abs() < 1e-12);
+        use MapChoice::*;
+        assert_eq!(choose_map(Auto, &weak, &strong, true), OutputMap::Detection);
+        assert_eq!(choose_map(Auto, &strong, &weak, true), OutputMap::Refined);
+        assert_eq!(choose_map(Auto, &weak, &weak, true), OutputMap::Refined);
+        assert_eq!(
+            choose_map(Auto, &strong, &weak, false),
+            OutputMap::Detection
+        );
+        assert_eq!(
+            choose_map(Refined, &weak, &strong, true),
+            OutputMap::Refined
+        );
+        assert_eq!(
+            choose_map(Detection, &strong, &weak, true),
+            OutputMap::Detection
+        );
+        let cfg = RunConfig::default()
+            .with_overrides(&["output.map=\"detection\"".to_string()])
+            .unwrap();
+        assert_eq!(cfg.output.map, Detection);
+        assert!(RunConfig::default()
+            .with_overrides(&["output.map=\"sharpest\"".to_string()])
+            .is_err());
     }
 
     #[test]
