@@ -117,11 +117,12 @@ pub fn plan_budget(
             "the time budget must be a positive duration, got {budget} s"
         )));
     }
-    if !positive(times.phase2)
-        || !positive(times.phase3)
-        || times.phase1.is_some_and(|t| !positive(t))
-        || !(times.evaluation.is_finite() && times.evaluation >= 0.0)
-    {
+    let usable = positive(times.phase2)
+        && positive(times.phase3)
+        && times.phase1.is_none_or(positive)
+        && times.evaluation.is_finite()
+        && times.evaluation >= 0.0;
+    if !usable {
         return Err(TrainError::Config(format!(
             "the measured step times are not usable: {times:?}"
         )));
