@@ -583,7 +583,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         )?,
     };
     println!(
-        "dsr demo: DSR on {} — phase 1 (codebooks), phase 2 (reconstruction, detection), phase 3 (upsampling), then the test set.",
+        "dsr demo: DSR on {} — phase 1 (codebooks), phase 2 (reconstruction, detection), phase 3 (upsampling) when the budget allows, then the test set.",
         data.display()
     );
     let started = Instant::now();

@@ -227,13 +227,17 @@ impl std::fmt::Display for BudgetPlan {
             t.phase2,
             minutes(self.phase2_steps as f64 * t.phase2)
         )?;
-        writeln!(
-            f,
-            "  phase 3: {:>6} steps × {:.2} s = {:.1} min",
-            self.phase3_steps,
-            t.phase3,
-            minutes(self.phase3_steps as f64 * t.phase3)
-        )?;
+        if self.phase3_steps == 0 {
+            writeln!(f, "  phase 3: none (too short a run for it to pay)")?;
+        } else {
+            writeln!(
+                f,
+                "  phase 3: {:>6} steps × {:.2} s = {:.1} min",
+                self.phase3_steps,
+                t.phase3,
+                minutes(self.phase3_steps as f64 * t.phase3)
+            )?;
+        }
         write!(
             f,
             "  predicted total {:.1} min",
