@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use dsr_core::weights::{load_checkpoint, META_CONFIG, META_IMAGE_SIZE};
+use dsr_core::weights::{load_checkpoint, META_CONFIG, META_IMAGE_SIZE, META_OUTPUT_MAP};
 use dsr_eval::postprocess::{PostProcessor, METADATA_KEY};
 use dsr_eval::{ConvAlgorithm, Execution, OnError};
 
@@ -104,7 +104,7 @@ enum Command {
         settings: train::TrainOverrides,
         /// Continue the run in this folder (its config.toml and weights/last.safetensors); the
         /// other settings flags are not allowed with it.
-        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "data", "category", "on_error", "max_pixels", "normal_dir", "abnormal_dir", "normal_test_dir", "mask_dir", "vq_weights", "pretrain", "pretrain_steps", "preset", "image_size", "batch", "phase2_steps", "phase3_steps", "recipe", "focal", "seed", "results", "checkpoint_every", "set"])]
+        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "data", "category", "on_error", "max_pixels", "normal_dir", "abnormal_dir", "normal_test_dir", "mask_dir", "vq_weights", "pretrain", "pretrain_steps", "preset", "image_size", "batch", "phase2_steps", "phase3_steps", "recipe", "focal", "seed", "results", "checkpoint_every", "set", "time_budget"])]
         resume: Option<PathBuf>,
         /// Skip the test evaluation at the end.
         #[arg(long)]
@@ -249,11 +249,21 @@ fn info(path: PathBuf) -> Result<()> {
         },
         None => println!("thresholds: none (no post-processor stored)"),
     }
+    match ckpt.output_map() {
+        Ok(map) => println!(
+            "output map: {map} ({})",
+            match map {
+                dsr_core::OutputMap::Refined => "the upsampling module's refined mask",
+                dsr_core::OutputMap::Detection => "the anomaly detection module's mask",
+            }
+        ),
+        Err(e) => println!("output map: not valid: {e}"),
+    }
     println!("tensors: {}", ckpt.tensors.len());
     let elements: usize = ckpt.tensors.values().map(|t| t.elem_count()).sum();
     println!("elements: {elements}");
     for (k, v) in &ckpt.metadata {
-        if k != META_CONFIG && k != META_IMAGE_SIZE && k != METADATA_KEY {
+        if ![META_CONFIG, META_IMAGE_SIZE, METADATA_KEY, META_OUTPUT_MAP].contains(&k.as_str()) {
             println!("metadata {k}: {v}");
         }
     }

@@ -23,6 +23,9 @@ use dsr_eval::{Detector, EvalOptions, Execution};
 pub enum Preset {
     /// The paper's and anomalib's configuration (fits the official pretrained discrete model).
     Reference,
+    /// Half the reference widths (embedding 64, 1024 codes, hidden 64, U-Net width 32);
+    /// needs its own phase 1 (`--pretrain`).
+    Mid,
     /// Narrow networks (embedding 32, 256 codes, U-Net width 16) for CPU demos and smoke runs;
     /// needs its own phase 1 (`--pretrain`).
     Small,
@@ -35,6 +38,15 @@ impl Preset {
     pub fn config(self) -> DsrConfig {
         match self {
             Preset::Reference => DsrConfig::default(),
+            Preset::Mid => DsrConfig {
+                embedding_dim: 64,
+                num_embeddings: 1024,
+                num_hiddens: 64,
+                num_residual_hiddens: 32,
+                anomaly_detection_module_base_width: 32,
+                upsampling_module_base_width: 32,
+                ..DsrConfig::default()
+            },
             Preset::Small => small_model(),
             Preset::Tiny => DsrConfig::tiny(),
         }
@@ -105,6 +117,11 @@ pub struct TrainOverrides {
     /// weights.
     #[arg(long)]
     pub pretrain: bool,
+    /// Plan phases 1-3 to finish within this wall time, e.g. 20m, 2h or 1h30m (a bare number
+    /// is minutes): a few steps of each phase are timed first, then the budget is shared
+    /// (a quarter for phase 1 when it runs; phase 3 only for long runs) and the plan printed.
+    #[arg(long, value_name = "DURATION", value_parser = parse_budget, conflicts_with_all = ["pretrain_steps", "phase2_steps", "phase3_steps"])]
+    pub time_budget: Option<f64>,
     /// Phase-1 steps (implies --pretrain). Default 2000.
     #[arg(long, value_name = "N")]
     pub pretrain_steps: Option<u64>,
@@ -246,6 +263,31 @@ pub fn resolve_config(o: &TrainOverrides) -> Result<RunConfig> {
     Ok(cfg)
 }
 
+/// Parses `--time-budget` into seconds.
+pub fn parse_budget(text: &str) -> std::result::Result<f64, String> {
+    dsr_train::budget::parse_duration(text).map_err(|e| e.to_string())
+}
+
+/// Plans `cfg`'s phases to fill `budget` seconds counted from `started` (timing a few steps of
+/// each phase first), prints the plan and writes it into `cfg`.
+pub fn plan_to_budget(
+    cfg: &mut RunConfig,
+    budget: f64,
+    started: Instant,
+    device: &Device,
+    test: bool,
+) -> Result<()> {
+    println!(
+        "timing {} steps of each phase for the time budget…",
+        dsr_train::budget::TIMED_STEPS
+    );
+    let plan = dsr_train::budget::plan_run(cfg, budget, started, device, test)
+        .context("cannot plan the run to the time budget")?;
+    println!("{plan}");
+    plan.apply(cfg);
+    Ok(())
+}
+
 /// The fields of a configuration that the discrete model depends on.
 fn discrete_part(c: &DsrConfig) -> (usize, usize, usize, usize, usize) {
     (
@@ -287,6 +329,20 @@ pub fn run_session(session: &Session, device: &Device, test: bool) -> Result<Run
             "resuming from {} after step {step}",
             path.display()
         )),
+        SessionEvent::OutputMap {
+            chosen,
+            refined,
+            detection,
+        } => {
+            progress.finish();
+            for (name, m) in [("refined", refined), ("detection", detection)] {
+                println!(
+                    "validation, {name} map: image AUROC {:.3}, pixel AUROC {:.3}, pixel AP {:.3}, AUPRO {:.3}",
+                    m.image_auroc, m.pixel_auroc, m.pixel_ap, m.pixel_aupro
+                );
+            }
+            println!("output map: {chosen}");
+        }
         SessionEvent::Finished { model } => {
             progress.finish();
             println!("model: {}", model.display());
@@ -341,10 +397,17 @@ pub fn train(
         print!("{}", cfg.to_toml()?);
         return Ok(());
     }
+    let started = Instant::now();
     let device = device.device()?;
     let session = match resume {
         Some(dir) => Session::resume(dir)?,
-        None => Session::create(resolve_config(o)?)?,
+        None => {
+            let mut cfg = resolve_config(o)?;
+            if let Some(budget) = o.time_budget {
+                plan_to_budget(&mut cfg, budget, started, &device, test)?;
+            }
+            Session::create(cfg)?
+        }
     }
     .with_execution(exec);
     run_session(&session, &device, test)?;
@@ -473,10 +536,20 @@ pub struct DemoArgs {
     /// A smoke run of a few steps at 64×64 (seconds; the model learns little).
     #[arg(long)]
     pub quick: bool,
+    /// The wall time of the whole demo (training and test), planned as `dsr train
+    /// --time-budget` plans it; e.g. 10m, 1h. Not used with --quick.
+    #[arg(long, value_name = "DURATION", value_parser = parse_budget, default_value = DEMO_BUDGET)]
+    pub time_budget: f64,
+    /// Seed of every random draw.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
     /// The compute device.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
 }
+
+/// The demo's default wall-time budget (training and test).
+pub const DEMO_BUDGET: &str = "13m";
 
 /// The demo data shipped with the sources.
 pub fn demo_data() -> Option<PathBuf> {
@@ -490,17 +563,20 @@ pub fn demo_data() -> Option<PathBuf> {
         .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
 }
 
-/// The demo's run configuration.
-pub fn demo_config(data: PathBuf, results: PathBuf, quick: bool) -> RunConfig {
+/// The demo's run configuration; without `quick` its phase lengths are placeholders that
+/// [`plan_to_budget`] replaces. The validation set that places the thresholds and chooses the
+/// output map is half of the test images (stratified), the test the other half.
+pub fn demo_config(data: PathBuf, results: PathBuf, quick: bool, seed: u64) -> RunConfig {
     let mut cfg = RunConfig::default();
     cfg.data.root = data;
+    cfg.data.val_split = "from_test:0.5".into();
     cfg.output.results = results;
     cfg.vq.pretrain = true;
     cfg.train.model = small_model();
     let (size, pre, p2, p3) = if quick {
         (64, 8, 6, 4)
     } else {
-        (128, 150, 120, 60)
+        (128, 150, 120, 0)
     };
     cfg.train.image_size = [size, size];
     cfg.train.batch_size = if quick { 2 } else { 8 };
@@ -509,11 +585,13 @@ pub fn demo_config(data: PathBuf, results: PathBuf, quick: bool) -> RunConfig {
         phase3_steps: p3,
         lr_drop_fraction: 0.8,
     };
+    cfg.train.seed = seed;
+    cfg.pretrain.seed = seed;
     cfg.pretrain.model = cfg.train.model;
     cfg.pretrain.crop = size;
     cfg.pretrain.steps = pre;
     cfg.pretrain.batch_size = if quick { 4 } else { 16 };
-    cfg.output.checkpoint_every = if quick { 5 } else { 30 };
+    cfg.output.checkpoint_every = if quick { 5 } else { 100 };
     cfg
 }
 
@@ -526,12 +604,16 @@ pub fn demo(a: &DemoArgs, exec: Execution) -> Result<()> {
         )?,
     };
     println!(
-        "dsr demo: DSR on {} — phase 1 (codebooks), phase 2 (reconstruction, detection), phase 3 (upsampling), then the test set.",
+        "dsr demo: DSR on {} — phase 1 (codebooks), phase 2 (reconstruction, detection), phase 3 (upsampling) when the budget allows, then the test set.",
         data.display()
     );
-    let session =
-        Session::create(demo_config(data, a.results.clone(), a.quick))?.with_execution(exec);
+    let started = Instant::now();
     let device = a.device.device()?;
+    let mut cfg = demo_config(data, a.results.clone(), a.quick, a.seed);
+    if !a.quick {
+        plan_to_budget(&mut cfg, a.time_budget, started, &device, true)?;
+    }
+    let session = Session::create(cfg)?.with_execution(exec);
     run_session(&session, &device, true)?;
     println!(
         "report: {}",

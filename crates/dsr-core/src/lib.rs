@@ -66,6 +66,6 @@ pub use config::DsrConfig;
 pub use discrete::DiscreteLatentModel;
 pub use error::{Error, Result};
 pub use exec::{ConvAlgorithm, Execution};
-pub use model::{DsrModel, EvalTrace, Inference, Phase2Output};
+pub use model::{DsrModel, EvalTrace, Inference, OutputMap, Phase2Output};
 pub use quantizer::{Quantized, VectorQuantizer};
 pub use weights::Checkpoint;

@@ -39,10 +39,57 @@ pub fn anomaly_map(refined_probs: &Tensor) -> candle_core::Result<Tensor> {
     refined_probs.narrow(1, 1, 1)?.squeeze(1)
 }
 
+/// Which mask probability a model gives as its anomaly map.
+///
+/// The reference outputs the refined mask of the upsampling module (trained in phase 3). After a
+/// short or no phase 3 the detection module's own mask (trained in phase 2) can localise better;
+/// a model trained that way outputs [`OutputMap::Detection`]. The image score is the same for
+/// both: it always comes from the detection module's mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputMap {
+    /// The upsampling module's refined mask `M_up[:, 1]` (the reference).
+    #[default]
+    Refined,
+    /// The anomaly detection module's mask `M[:, 1]`.
+    Detection,
+}
+
+impl OutputMap {
+    /// The name used in checkpoints and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputMap::Refined => "refined",
+            OutputMap::Detection => "detection",
+        }
+    }
+}
+
+impl std::fmt::Display for OutputMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for OutputMap {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "refined" => Ok(OutputMap::Refined),
+            "detection" => Ok(OutputMap::Detection),
+            other => Err(Error::Config(format!(
+                "output map '{other}' is not one of \"refined\" (the upsampling module's mask) or \"detection\" (the detection module's mask)"
+            ))),
+        }
+    }
+}
+
 /// The answer of the model for a batch.
 #[derive(Debug, Clone)]
 pub struct Inference {
-    /// Per-pixel anomaly probability of the refined mask, `B×H×W`.
+    /// Per-pixel anomaly probability, `B×H×W`: of the refined mask, or of the detection
+    /// module's mask when the model outputs [`OutputMap::Detection`].
     pub anomaly_map: Tensor,
     /// Image anomaly score: max of the 21×21-averaged non-refined mask, `B`.
     pub pred_score: Tensor,
@@ -128,6 +175,7 @@ pub struct DsrModel {
     irn: ImageReconstructionNetwork,
     adm: AnomalyDetectionModule,
     ups: UpsamplingModule,
+    output: OutputMap,
 }
 
 impl DsrModel {
@@ -189,6 +237,7 @@ impl DsrModel {
                 cfg.upsampling_module_base_width,
                 vb.pp("upsampling_module"),
             )?,
+            output: OutputMap::Refined,
         })
     }
 
@@ -210,6 +259,17 @@ impl DsrModel {
     /// Its execution policy.
     pub fn execution(&self) -> Execution {
         self.policy.exec
+    }
+
+    /// The same model, giving `output` as its anomaly map.
+    pub fn with_output_map(mut self, output: OutputMap) -> Self {
+        self.output = output;
+        self
+    }
+
+    /// Which mask the model gives as its anomaly map.
+    pub fn output_map(&self) -> OutputMap {
+        self.output
     }
 
     /// The configuration.
@@ -259,7 +319,7 @@ impl DsrModel {
     }
 
     /// Inference on a batch `B×3×H×W` with values in [0, 1] (RGB, no normalisation): the
-    /// refined anomaly map and the image score.
+    /// anomaly map ([`DsrModel::output_map`] says which) and the image score.
     pub fn infer(&self, image: &Tensor) -> Result<Inference> {
         Ok(self.forward_eval(image)?.inference)
     }
@@ -287,7 +347,10 @@ impl DsrModel {
                 .forward(&obj_spec_image, &recon_image_general, &adm_softmax)?;
         let upsampling_softmax = softmax_channels(&upsampling_logits)?;
         let (score_avgpool, pred_score) = image_score(&adm_softmax)?;
-        let anomaly_map = anomaly_map(&upsampling_softmax)?;
+        let anomaly_map = match self.output {
+            OutputMap::Refined => anomaly_map(&upsampling_softmax)?,
+            OutputMap::Detection => anomaly_map(&adm_softmax)?,
+        };
         Ok(EvalTrace {
             encoded,
             quant_join_general,
@@ -341,7 +404,10 @@ impl DsrModel {
         let ups = softmax_channels(&self.ups.forward(&specific, &general, &adm)?)?;
         lap("upsampling module", &mut times);
         let (_, score) = image_score(&adm)?;
-        let map = anomaly_map(&ups)?;
+        let map = match self.output {
+            OutputMap::Refined => anomaly_map(&ups)?,
+            OutputMap::Detection => anomaly_map(&adm)?,
+        };
         // Read the outputs so that nothing is left pending.
         let _ = (score.to_vec1::<f32>()?, map.sum_all()?.to_scalar::<f32>()?);
         lap("score and map", &mut times);

@@ -10,6 +10,7 @@
 
 #![deny(missing_docs)]
 
+pub mod budget;
 pub mod data;
 pub mod optim;
 pub mod pipeline;

@@ -39,8 +39,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
-use dsr_core::weights::{load_checkpoint, save_checkpoint, write_atomic, Checkpoint};
-use dsr_core::Execution;
+use dsr_core::weights::{
+    load_checkpoint, save_checkpoint, write_atomic, Checkpoint, META_OUTPUT_MAP,
+};
+use dsr_core::{Execution, OutputMap};
 use dsr_eval::postprocess::METADATA_KEY;
 use dsr_eval::{evaluate, Detector, EvalOptions, Evaluation, Metrics, PostProcessor};
 use serde::{Deserialize, Serialize};
@@ -173,6 +175,19 @@ pub struct VqSection {
     pub pretrain: bool,
 }
 
+/// Which mask the trained model outputs as its anomaly map (`output.map`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MapChoice {
+    /// The better of the two on the validation set ([`choose_map`]).
+    #[default]
+    Auto,
+    /// The upsampling module's refined mask (the reference's output).
+    Refined,
+    /// The anomaly detection module's own mask.
+    Detection,
+}
+
 /// Where results go and how often checkpoints are written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -181,6 +196,10 @@ pub struct OutputSection {
     pub results: PathBuf,
     /// Write `weights/last.safetensors` every this many phase-2/3 steps (and at the end).
     pub checkpoint_every: u64,
+    /// The anomaly map the model outputs: `"auto"` (both are measured on the validation set
+    /// and the better one is kept), `"refined"` or `"detection"`. Recorded in the model file
+    /// (`dsr.output_map`).
+    pub map: MapChoice,
 }
 
 impl Default for OutputSection {
@@ -188,7 +207,33 @@ impl Default for OutputSection {
         Self {
             results: PathBuf::from("results"),
             checkpoint_every: 100,
+            map: MapChoice::Auto,
         }
+    }
+}
+
+/// The summed pixel figures (pixel AUROC + pixel AP + AUPRO) by which `output.map = "auto"`
+/// compares the two maps; the image score does not depend on the map.
+pub fn map_quality(m: &dsr_eval::Metrics) -> f64 {
+    m.pixel_auroc + m.pixel_ap + m.pixel_aupro
+}
+
+/// The map to output under `choice`, from the validation metrics of the refined and the
+/// detection map: for [`MapChoice::Auto`] the detection map when phase 3 took no step (the
+/// upsampling module is untrained), else the one with the higher [`map_quality`] (the refined
+/// one on a tie or when a figure is undefined).
+pub fn choose_map(
+    choice: MapChoice,
+    refined: &dsr_eval::Metrics,
+    detection: &dsr_eval::Metrics,
+    phase3_trained: bool,
+) -> OutputMap {
+    match choice {
+        MapChoice::Refined => OutputMap::Refined,
+        MapChoice::Detection => OutputMap::Detection,
+        MapChoice::Auto if !phase3_trained => OutputMap::Detection,
+        MapChoice::Auto if map_quality(detection) > map_quality(refined) => OutputMap::Detection,
+        MapChoice::Auto => OutputMap::Refined,
     }
 }
 
@@ -477,6 +522,15 @@ pub enum SessionEvent {
         /// Steps already taken.
         step: u64,
     },
+    /// Both maps were measured on the validation set and one was chosen as the output.
+    OutputMap {
+        /// The map the model outputs.
+        chosen: OutputMap,
+        /// Validation metrics of the refined map.
+        refined: Box<dsr_eval::Metrics>,
+        /// Validation metrics of the detection module's map.
+        detection: Box<dsr_eval::Metrics>,
+    },
     /// The validation finished and the final model was written.
     Finished {
         /// `weights/model.safetensors`.
@@ -637,15 +691,42 @@ impl Session {
             }
         }
 
-        let validator = Detector::new(trainer.inference_model()?, size, None, device)?;
+        // Both maps are measured on the validation set; the model outputs the chosen one.
+        let model = trainer.inference_model()?;
         let options = EvalOptions {
             batch: cfg.data.eval_batch,
             ..EvalOptions::default()
         };
-        let validation = evaluate(&validator, samples_of(&splits.val), &options)?;
-        let postprocess = validation.fit_postprocessor()?;
-        let metrics = validation.metrics(&postprocess)?;
+        let eval_map = |map: OutputMap| -> Result<(Evaluation, PostProcessor, Metrics)> {
+            let validator = Detector::new(model.clone().with_output_map(map), size, None, device)?;
+            let validation = evaluate(&validator, samples_of(&splits.val), &options)?;
+            let postprocess = validation.fit_postprocessor()?;
+            let metrics = validation.metrics(&postprocess)?;
+            Ok((validation, postprocess, metrics))
+        };
+        let refined = eval_map(OutputMap::Refined)?;
+        let detection = eval_map(OutputMap::Detection)?;
+        let output_map = choose_map(
+            cfg.output.map,
+            &refined.2,
+            &detection.2,
+            plan.phase3_steps > 0,
+        );
+        let maps = serde_json::json!({
+            "refined": refined.2,
+            "detection": detection.2,
+        });
+        on_event(&SessionEvent::OutputMap {
+            chosen: output_map,
+            refined: Box::new(refined.2),
+            detection: Box::new(detection.2),
+        });
+        let (validation, postprocess, metrics) = match output_map {
+            OutputMap::Refined => refined,
+            OutputMap::Detection => detection,
+        };
         let mut extra = BTreeMap::new();
+        extra.insert(META_OUTPUT_MAP.to_string(), output_map.to_string());
         extra.insert(
             METADATA_KEY.to_string(),
             postprocess
@@ -669,6 +750,8 @@ impl Session {
             "num_images": validation.scores.len(),
             "num_defective": validation.num_defective(),
             "metrics": metrics,
+            "output_map": output_map,
+            "maps": maps,
             "postprocess": postprocess,
             "inference_seconds": validation.seconds,
         });
@@ -856,6 +939,49 @@ mod tests {
         assert_eq!(cfg.pretrain.model.embedding_dim, 16);
         let back = RunConfig::from_toml_str(&cfg.to_toml().unwrap()).unwrap();
         assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn the_output_map_is_the_better_one_unless_chosen_or_phase_3_is_untrained() {
+        let metrics = |pixel_auroc: f64, pixel_ap: f64, pixel_aupro: f64| dsr_eval::Metrics {
+            image_auroc: 0.9,
+            image_ap: 0.9,
+            image_f1_max: 0.9,
+            image_f1_max_threshold: 0.5,
+            image_f1: 0.9,
+            pixel_auroc,
+            pixel_ap,
+            pixel_aupro,
+            pixel_f1_max: 0.3,
+            pixel_f1_max_threshold: 0.5,
+            pixel_f1: 0.3,
+        };
+        let weak = metrics(0.70, 0.20, 0.40);
+        let strong = metrics(0.80, 0.25, 0.45);
+        assert!((map_quality(&strong) - 1.5).abs() < 1e-12);
+        use MapChoice::*;
+        assert_eq!(choose_map(Auto, &weak, &strong, true), OutputMap::Detection);
+        assert_eq!(choose_map(Auto, &strong, &weak, true), OutputMap::Refined);
+        assert_eq!(choose_map(Auto, &weak, &weak, true), OutputMap::Refined);
+        assert_eq!(
+            choose_map(Auto, &strong, &weak, false),
+            OutputMap::Detection
+        );
+        assert_eq!(
+            choose_map(Refined, &weak, &strong, true),
+            OutputMap::Refined
+        );
+        assert_eq!(
+            choose_map(Detection, &strong, &weak, true),
+            OutputMap::Detection
+        );
+        let cfg = RunConfig::default()
+            .with_overrides(&["output.map=\"detection\"".to_string()])
+            .unwrap();
+        assert_eq!(cfg.output.map, Detection);
+        assert!(RunConfig::default()
+            .with_overrides(&["output.map=\"sharpest\"".to_string()])
+            .is_err());
     }
 
     #[test]

@@ -31,12 +31,16 @@ pub use self::torch::{
     MAX_COMPRESSION_RATIO, MAX_PICKLE_BYTES,
 };
 pub use crate::atomic::{is_temp_file_of, write_atomic};
+use crate::model::OutputMap;
 use crate::{DsrConfig, DsrModel, Error, Execution, Result};
 
 /// Metadata key of the model configuration (JSON) in our checkpoints.
 pub const META_CONFIG: &str = "dsr.config";
 /// Metadata key of the training image size (JSON `[H, W]`) in our checkpoints.
 pub const META_IMAGE_SIZE: &str = "dsr.image_size";
+/// Metadata key of the mask a model gives as its anomaly map (`"refined"` or `"detection"`,
+/// see [`crate::model::OutputMap`]); absent means `"refined"`, the reference.
+pub const META_OUTPUT_MAP: &str = "dsr.output_map";
 /// Metadata key naming the file a checkpoint was converted from.
 pub const META_CONVERTED_FROM: &str = "dsr.converted_from";
 /// Metadata key marking a checkpoint that holds only part of the model (its value names the
@@ -257,12 +261,24 @@ impl Checkpoint {
         self.config.unwrap_or(*fallback)
     }
 
+    /// The mask the checkpoint's model outputs ([`META_OUTPUT_MAP`]; the refined one when
+    /// absent); an unknown value is an error naming the file.
+    pub fn output_map(&self) -> Result<OutputMap> {
+        match self.metadata.get(META_OUTPUT_MAP) {
+            None => Ok(OutputMap::Refined),
+            Some(name) => name.parse().map_err(|e: Error| {
+                Error::weights(&self.path, format!("metadata '{META_OUTPUT_MAP}': {e}"))
+            }),
+        }
+    }
+
     /// Builds a [`DsrModel`] (inference constants) after checking every key and shape against
-    /// `cfg`.
+    /// `cfg`; it outputs the map the checkpoint records ([`Checkpoint::output_map`]).
     pub fn build_model(&self, cfg: &DsrConfig, device: &Device) -> Result<DsrModel> {
         check_tensors(&self.path, &self.tensors, &cfg.state_dict_shapes()?)?;
+        let output = self.output_map()?;
         let vb = VarBuilder::from_tensors(self.tensors.clone(), DType::F32, device);
-        DsrModel::new(cfg, vb)
+        Ok(DsrModel::new(cfg, vb)?.with_output_map(output))
     }
 
     /// Builds the model for inference under `exec`, checking every tensor against `cfg` first.
@@ -279,6 +295,7 @@ impl Checkpoint {
         exec: Execution,
     ) -> Result<DsrModel> {
         check_tensors(&self.path, &self.tensors, &cfg.state_dict_shapes()?)?;
+        let output = self.output_map()?;
         if let Some((key, _)) = self.tensors.iter().find(|(_, t)| t.is_variable()) {
             return Err(Error::weights(
                 &self.path,
@@ -288,6 +305,7 @@ impl Checkpoint {
         let vb = VarBuilder::from_tensors(self.tensors, DType::F32, device);
         Ok(DsrModel::new(cfg, vb)?
             .with_execution(exec)
+            .with_output_map(output)
             .keeping_filters())
     }
 }
@@ -328,4 +346,67 @@ pub fn save_checkpoint(
         ::safetensors::serialize(sorted.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
             .map_err(|e| Error::weights(path, format!("cannot serialise the checkpoint: {e}")))?;
     write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The output map recorded in a checkpoint reaches the built model (both builders):
+    /// "detection" gives the detection module's mask as the anomaly map, no entry the refined
+    /// mask, and an unknown value is an error naming the file and the key.
+    #[test]
+    fn the_recorded_output_map_chooses_the_anomaly_map() {
+        let cfg = DsrConfig::tiny();
+        let tensors = DsrModel::seeded_weights(&cfg, 3).unwrap();
+        let dir = std::env::temp_dir().join(format!("dsr-output-map-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        let pixels: Vec<f32> = (0..3 * 64 * 64)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+            .collect();
+        let image = Tensor::from_vec(pixels, (1, 3, 64, 64), &Device::Cpu).unwrap();
+        let map_of = |extra: &BTreeMap<String, String>| {
+            save_checkpoint(&path, &tensors, &cfg, Some([64, 64]), extra).unwrap();
+            let ckpt = load_safetensors(&path).unwrap();
+            let inference = ckpt
+                .clone()
+                .into_inference_model(&cfg, &Device::Cpu, Execution::default())
+                .map(|m| m.output_map());
+            ckpt.build_model(&cfg, &Device::Cpu).map(|model| {
+                let trace = model.forward_eval(&image).unwrap();
+                assert_eq!(inference.as_ref().ok(), Some(&model.output_map()));
+                (model.output_map(), trace)
+            })
+        };
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let channel1 = |t: &Tensor| t.narrow(1, 1, 1).unwrap().squeeze(1).unwrap();
+        let (output, trace) = map_of(&BTreeMap::new()).unwrap();
+        assert_eq!(output, OutputMap::Refined);
+        let refined = channel1(&trace.upsampling_softmax);
+        assert_eq!(diff(&trace.inference.anomaly_map, &refined), 0.0);
+        let detection: BTreeMap<String, String> =
+            [(META_OUTPUT_MAP.to_string(), "detection".to_string())].into();
+        let (output, trace) = map_of(&detection).unwrap();
+        assert_eq!(output, OutputMap::Detection);
+        let mask = channel1(&trace.adm_softmax);
+        assert_eq!(diff(&trace.inference.anomaly_map, &mask), 0.0);
+        assert!(diff(&mask, &refined) > 0.0);
+        let bad: BTreeMap<String, String> =
+            [(META_OUTPUT_MAP.to_string(), "sharpest".to_string())].into();
+        let message = map_of(&bad).unwrap_err().to_string();
+        assert!(message.contains(META_OUTPUT_MAP), "{message}");
+        assert!(message.contains("sharpest"), "{message}");
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
