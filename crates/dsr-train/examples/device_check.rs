@@ -115,6 +115,44 @@ impl Report {
     }
 }
 
+impl Report {
+    /// Compares every gradient of `cpu` with its CUDA counterpart (relative 1e-4, against at
+    /// least [`grad_floor`]) and prints the largest relative difference of the `phase`.
+    fn compare_gradients(
+        &mut self,
+        phase: &str,
+        cpu: &BTreeMap<String, Tensor>,
+        cuda: &BTreeMap<String, Tensor>,
+    ) -> BoxResult<()> {
+        let floor = grad_floor(cpu)?;
+        let mut worst = (String::new(), 0.0f64);
+        for (key, want) in cpu {
+            let got = cuda
+                .get(key)
+                .ok_or_else(|| format!("no CUDA gradient for {key}"))?;
+            self.compare_scaled(
+                &format!("{phase} grad: {key}"),
+                got,
+                want,
+                1e-4,
+                true,
+                floor,
+            )?;
+            let rel = self.rows.last().map_or(0.0, |r| r.rel);
+            if rel > worst.1 {
+                worst = (key.clone(), rel);
+            }
+        }
+        println!(
+            "{phase}: {} gradients compared, largest relative difference {:.3e} ({})",
+            cpu.len(),
+            worst.1,
+            worst.0
+        );
+        Ok(())
+    }
+}
+
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
@@ -371,31 +409,7 @@ fn main() -> BoxResult<()> {
             relative,
         )?;
     }
-    let floor2 = grad_floor(&g_cpu)?;
-    let mut worst = (String::new(), 0.0f64);
-    for (key, want) in &g_cpu {
-        let got = g_cuda
-            .get(key)
-            .ok_or_else(|| format!("no CUDA gradient for {key}"))?;
-        report.compare_scaled(
-            &format!("phase 2 grad: {key}"),
-            got,
-            want,
-            1e-4,
-            true,
-            floor2,
-        )?;
-        let rel = report.rows.last().map_or(0.0, |r| r.rel);
-        if rel > worst.1 {
-            worst = (key.clone(), rel);
-        }
-    }
-    println!(
-        "phase 2: {} gradients compared, largest relative difference {:.3e} ({})",
-        g_cpu.len(),
-        worst.1,
-        worst.0
-    );
+    report.compare_gradients("phase 2", &g_cpu, &g_cuda)?;
 
     // 3. Phase 3: the fixture's (smudged) image and mask.
     let p3 = load(&dir, "phase3.safetensors")?;
@@ -419,31 +433,7 @@ fn main() -> BoxResult<()> {
             true,
         )?;
     }
-    let floor3 = grad_floor(&g3_cpu)?;
-    let mut worst = (String::new(), 0.0f64);
-    for (key, want) in &g3_cpu {
-        let got = g3_cuda
-            .get(key)
-            .ok_or_else(|| format!("no CUDA gradient for {key}"))?;
-        report.compare_scaled(
-            &format!("phase 3 grad: {key}"),
-            got,
-            want,
-            1e-4,
-            true,
-            floor3,
-        )?;
-        let rel = report.rows.last().map_or(0.0, |r| r.rel);
-        if rel > worst.1 {
-            worst = (key.clone(), rel);
-        }
-    }
-    println!(
-        "phase 3: {} gradients compared, largest relative difference {:.3e} ({})",
-        g3_cpu.len(),
-        worst.1,
-        worst.0
-    );
+    report.compare_gradients("phase 3", &g3_cpu, &g3_cuda)?;
 
     let failed = report.rows.iter().filter(|r| !r.ok).count();
     println!(
