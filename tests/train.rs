@@ -122,6 +122,95 @@ fn in_unit_range(m: &serde_json::Value) {
     }
 }
 
+/// Without --vq-weights, --pretrain or cached official weights, the small preset starts from
+/// the general codebook compiled into the binary: no phase 1 runs, the run configuration and
+/// the model file say where the discrete model came from, and the model's discrete part holds
+/// the shipped codebook's values. Widths without a shipped codebook get one clear error.
+#[test]
+fn the_small_preset_starts_from_the_shipped_general_codebook() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("weld");
+    small_dataset(&data);
+    let results = dir.path().join("results");
+    let out = dsr(&[
+        "train",
+        "--data",
+        s(&data),
+        "--preset",
+        "small",
+        "--image-size",
+        "64,64",
+        "--batch",
+        "2",
+        "--phase2-steps",
+        "2",
+        "--phase3-steps",
+        "0",
+        "--results",
+        s(&results),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("discrete model: the shipped general codebook"),
+        "{stdout}"
+    );
+    let run = only_run_dir(&results);
+    let cfg = RunConfig::from_toml_file(&run.join("config.toml")).unwrap();
+    assert!(cfg.vq.general && !cfg.vq.pretrain && cfg.vq.weights.is_none());
+    assert!(!run.join("weights/vq.safetensors").exists());
+    let phases: Vec<String> = jsonl(&run.join("metrics.jsonl"))
+        .iter()
+        .map(|l| l["phase"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(phases, ["phase2", "phase2"]);
+    let model = load_checkpoint(&run.join("weights/model.safetensors")).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&model.metadata["dsr.run"]).unwrap();
+    assert!(meta["discrete_model"]
+        .as_str()
+        .unwrap()
+        .contains("general codebook"));
+    // The frozen discrete model is the shipped one, value for value.
+    let shipped = dsr_train::codebook::GeneralCodebook::GeneralSmall
+        .checkpoint()
+        .unwrap();
+    for (key, want) in &shipped.tensors {
+        let got = &model.tensors[key];
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{key}");
+    }
+
+    // The mid widths have no shipped codebook: the error says what to do, before any step.
+    let out = dsr(&[
+        "train",
+        "--data",
+        s(&data),
+        "--preset",
+        "mid",
+        "--results",
+        s(&results),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--pretrain") && err.contains("--vq-weights"),
+        "{err}"
+    );
+}
+
 #[test]
 fn train_then_predict_then_test() {
     let dir = tempfile::tempdir().unwrap();

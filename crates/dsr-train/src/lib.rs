@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod budget;
+pub mod codebook;
 pub mod data;
 pub mod optim;
 pub mod pipeline;

@@ -47,6 +47,7 @@ use dsr_eval::postprocess::METADATA_KEY;
 use dsr_eval::{evaluate, Detector, EvalOptions, Evaluation, Metrics, PostProcessor};
 use serde::{Deserialize, Serialize};
 
+use crate::codebook::GeneralCodebook;
 use crate::data::{
     split_validation, Entry, FolderDataset, FolderLayout, Listing, LoadConfig, MvtecDataset,
     OnError, ValSplit, DEFAULT_MAX_PIXELS,
@@ -173,6 +174,22 @@ pub struct VqSection {
     pub weights: Option<PathBuf>,
     /// Without `weights`: run phase 1 on the training images (settings in `[pretrain]`).
     pub pretrain: bool,
+    /// Without `weights`: start from the general codebook shipped for the model's widths
+    /// ([`GeneralCodebook`]); excludes `pretrain`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub general: bool,
+}
+
+impl VqSection {
+    /// Where the discrete model comes from, in words (`dsr.run` metadata, logs).
+    pub fn source(&self) -> String {
+        match &self.weights {
+            Some(p) => p.display().to_string(),
+            None if self.general => "the shipped general codebook for the model's widths".into(),
+            None if self.pretrain => "phase 1 on the training images".into(),
+            None => "none".into(),
+        }
+    }
 }
 
 /// Which mask the trained model outputs as its anomaly map (`output.map`).
@@ -350,6 +367,21 @@ impl RunConfig {
             return Err(config_error("data.eval_batch must be at least 1"));
         }
         parse_val_split(&self.data.val_split, self.train.seed)?;
+        if self.vq.general {
+            if self.vq.weights.is_some() || self.vq.pretrain {
+                return Err(config_error(
+                    "vq.general excludes vq.weights and vq.pretrain: choose one source of the \
+                     discrete model",
+                ));
+            }
+            if GeneralCodebook::for_config(&self.train.model).is_none() {
+                return Err(config_error(
+                    "vq.general: no general codebook is shipped for these model widths (the \
+                     small and reference presets have one); pretrain phase 1 instead \
+                     (--pretrain) or pass --vq-weights FILE",
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -741,6 +773,7 @@ impl Session {
                 "category": cfg.data.category,
                 "val_split": cfg.data.val_split,
                 "recipe": cfg.train.recipe.to_string(),
+                "discrete_model": cfg.vq.source(),
                 "seed": cfg.train.seed,
             })
             .to_string(),
@@ -811,6 +844,12 @@ impl Session {
         let cfg = &self.cfg;
         if let Some(path) = &cfg.vq.weights {
             return Ok(load_checkpoint(path)?);
+        }
+        if cfg.vq.general {
+            let codebook = GeneralCodebook::for_config(&cfg.train.model).ok_or_else(|| {
+                config_error("vq.general: no general codebook is shipped for these model widths")
+            })?;
+            return Ok(codebook.checkpoint()?);
         }
         let vq = self.dir.vq_path();
         if vq.is_file() {
