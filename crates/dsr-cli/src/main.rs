@@ -5,6 +5,7 @@
 mod augment;
 mod convert;
 mod evaluate;
+mod guard;
 mod heap;
 mod io;
 mod predict;
@@ -149,6 +150,17 @@ fn parse_focal(s: &str) -> std::result::Result<dsr_losses::FocalKind, String> {
     }
 }
 
+/// Parses a batch size: a whole number from 1 to 4096 (what the memory needs is checked once
+/// the model is known).
+fn parse_batch(s: &str) -> std::result::Result<usize, String> {
+    let max = dsr_train::train::MAX_BATCH_SIZE;
+    match s.trim().parse::<u128>() {
+        Ok(n) if (1..=max as u128).contains(&n) => Ok(n as usize),
+        Ok(n) => Err(format!("{n} is out of range: give a count from 1 to {max}")),
+        Err(_) => Err(format!("'{s}' is not a whole number")),
+    }
+}
+
 /// Parses `H,W` (or `HxW`) into `[H, W]`.
 fn parse_size(s: &str) -> std::result::Result<[usize; 2], String> {
     let parts: Vec<&str> = s.split([',', 'x', '×']).map(str::trim).collect();
@@ -214,7 +226,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One line, whatever the causes' messages hold.
+            let message = format!("{e:#}")
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            eprintln!("error: {message}");
             ExitCode::from(1)
         }
     }
