@@ -112,10 +112,16 @@ impl InputStamp {
     }
 }
 
-/// The check of a journal line: FNV-1a over the row, the stem, the input stamp and the bytes of
-/// the overlay and the map.
+/// The check of a journal line: FNV-1a over the row (its output paths without the folder, so
+/// that the journal does not depend on where `--out` is), the stem, the input stamp and the bytes
+/// of the overlay and the map.
 fn line_check(stem: &str, row: &Row, input: &InputStamp, png: &[u8], npy: &[u8]) -> Result<String> {
-    let text = serde_json::to_string(&(stem, row, input))?;
+    let row = Row {
+        overlay: format!("{stem}.png"),
+        map: format!("{stem}.npy"),
+        ..row.clone()
+    };
+    let text = serde_json::to_string(&(stem, &row, input))?;
     Ok(format!(
         "{:016x}",
         fnv64(format!("{text}{:016x}{:016x}", fnv64(png), fnv64(npy)).as_bytes())

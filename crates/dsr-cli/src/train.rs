@@ -507,6 +507,7 @@ pub fn pretrain(a: &PretrainArgs, exec: Execution) -> Result<()> {
         ..PretrainConfig::default()
     };
     cfg.validate()?;
+    cfg.check_memory()?;
     let device = a.device.device()?;
     if !a.images.is_dir() {
         bail!("the image folder {} does not exist", a.images.display());

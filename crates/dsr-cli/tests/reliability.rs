@@ -606,7 +606,7 @@ fn huge_counts_and_sizes_are_refused_with_what_they_need() {
             s(&model),
             s(&img),
             "--out",
-            "o",
+            s(&o_dir),
             "--batch",
             huge,
         ],

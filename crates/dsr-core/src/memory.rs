@@ -111,8 +111,8 @@ fn width_scale(cfg: &DsrConfig) -> f64 {
 }
 
 fn estimate(cfg: &DsrConfig, images: usize, size: [usize; 2], per_pixel: u64) -> u64 {
-    let pixels = (size[0] as u128) * (size[1] as u128) * (images as u128);
-    let bytes = pixels as f64 * per_pixel as f64 * width_scale(cfg);
+    let pixels = size[0] as f64 * size[1] as f64 * images as f64;
+    let bytes = pixels * per_pixel as f64 * width_scale(cfg);
     if bytes >= u64::MAX as f64 {
         u64::MAX
     } else {

@@ -102,6 +102,12 @@ impl PretrainConfig {
                 self.commitment_cost
             )));
         }
+        Ok(())
+    }
+
+    /// Checks that a phase-1 step fits in the memory available (an estimate from measured
+    /// peaks).
+    pub fn check_memory(&self) -> Result<()> {
         dsr_core::memory::ensure_fits(
             dsr_core::memory::training_bytes(&self.model, self.batch_size, [self.crop, self.crop]),
             &format!(
@@ -110,8 +116,7 @@ impl PretrainConfig {
             ),
             "lower the phase-1 batch size or crop",
         )
-        .map_err(TrainError::Config)?;
-        Ok(())
+        .map_err(TrainError::Config)
     }
 }
 
@@ -179,6 +184,7 @@ impl Pretrainer {
         exec: Execution,
     ) -> Result<Self> {
         cfg.validate()?;
+        cfg.check_memory()?;
         if images.n == 0 || images.c != 3 || images.h < cfg.crop || images.w < cfg.crop {
             return Err(TrainError::Config(format!(
                 "phase 1 needs at least one 3-channel image of at least {0}×{0} pixels, got {1} images of {2}×{3}×{4}",

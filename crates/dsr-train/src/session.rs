@@ -414,8 +414,11 @@ impl RunConfig {
         if let Some(c) = &self.data.category {
             check_category(c)?;
         }
+        // Every section is checked against its domain, used or not (a value out of its domain
+        // must not wait in the file until a later run uses it).
+        self.pretrain.validate()?;
         if self.vq.pretrain && self.vq.weights.is_none() {
-            self.pretrain.validate()?;
+            self.pretrain.check_memory()?;
             let [h, w] = self.train.image_size;
             if self.pretrain.crop > h.min(w) {
                 return Err(config_error(format!(
@@ -476,15 +479,22 @@ pub fn check_category(c: &str) -> Result<()> {
 
 /// A TOML error on one line: its message, where it is (line and column), the offending text.
 pub fn toml_error_line(e: &toml::de::Error, text: Option<&str>) -> String {
-    let message = e.message().trim().replace('\n', " ");
     match (e.span(), text) {
         (Some(span), Some(text)) => {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
             let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            let message = e.message().trim().replace('\n', " ");
             format!("line {line}, column {column}: {message}")
         }
-        _ => message,
+        // Without the text the error's own report (which names the key) is put on one line.
+        _ => e
+            .to_string()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" "),
     }
 }
 

@@ -343,11 +343,15 @@ fn check_valid_config(cfg: &RunConfig) -> Result<(), TestCaseError> {
             "{c}"
         );
     }
+    // The pretrain section is checked whether phase 1 runs or not.
+    let p = &cfg.pretrain;
+    prop_assert!((1..=dsr_train::train::MAX_BATCH_SIZE).contains(&p.batch_size));
+    prop_assert!((0.0..1.0).contains(&p.ema_decay));
+    prop_assert!(p.adam.lr.is_finite() && p.adam.lr > 0.0);
+    prop_assert!((0.0..1.0).contains(&p.adam.beta1) && (0.0..1.0).contains(&p.adam.beta2));
+    prop_assert!(p.commitment_cost.is_finite() && p.commitment_cost >= 0.0);
     if cfg.vq.pretrain && cfg.vq.weights.is_none() {
-        let p = &cfg.pretrain;
         prop_assert!(p.crop <= t.image_size[0].min(t.image_size[1]));
-        prop_assert!((1..=dsr_train::train::MAX_BATCH_SIZE).contains(&p.batch_size));
-        prop_assert!((0.0..1.0).contains(&p.ema_decay));
     }
     let text = cfg
         .to_toml()
@@ -448,16 +452,18 @@ fn run_configuration() {
         ]
         .map(String::from),
     );
-    let sets = prop::collection::vec(
-        (prop::sample::select(keys), override_value()).prop_map(|(k, v)| format!("{k}={v}")),
-        0..4,
-    );
-    fuzz("config/set-overrides", sets.clone(), |sets| {
+    let sets = |keys: Vec<String>| {
+        prop::collection::vec(
+            (prop::sample::select(keys), override_value()).prop_map(|(k, v)| format!("{k}={v}")),
+            0..4,
+        )
+    };
+    fuzz("config/set-overrides", sets(keys.clone()), |sets| {
         check_config(&text, &sets)
     });
     fuzz(
         "config/mutated-toml",
-        (mutations(), sets),
+        (mutations(), sets(keys)),
         |(edits, sets)| {
             let bytes = apply(text.as_bytes(), &edits, None);
             let Ok(mutated) = String::from_utf8(bytes) else {
