@@ -58,7 +58,10 @@ fn address_space_room() -> Option<u64> {
         let status = std::fs::read_to_string("/proc/self/status").ok()?;
         let line = status.lines().find(|l| l.starts_with("VmSize:"))?;
         let used: u64 = line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
-        Some((limit.rlim_cur as u64).saturating_sub(used))
+        // rlim_t is u64 here but not on every platform.
+        #[allow(clippy::unnecessary_cast)]
+        let cur = limit.rlim_cur as u64;
+        Some(cur.saturating_sub(used))
     }
     #[cfg(not(unix))]
     None
