@@ -226,17 +226,33 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line, whatever the causes' messages hold.
-            let message = format!("{e:#}")
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect::<Vec<_>>()
-                .join("; ");
-            eprintln!("error: {message}");
+            eprintln!("error: {}", error_line(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// An error and its causes on one line: each cause's message once (a cause whose text the line
+/// already holds, as errors that print their source do, is left out), line breaks joined.
+pub(crate) fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause
+            .to_string()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn info(path: PathBuf) -> Result<()> {
@@ -300,6 +316,20 @@ mod tests {
         assert!(parse_size("65,64").is_err());
         assert!(parse_size("64").is_err());
         assert!(parse_size("a,64").is_err());
+    }
+
+    #[test]
+    fn errors_are_one_line_with_each_cause_once() {
+        let io = std::io::Error::other("not a regular file but a FIFO (named pipe)");
+        let e = anyhow::Error::new(io)
+            .context("m.safetensors: not a regular file but a FIFO (named pipe)");
+        let e = e.context("reading m.safetensors");
+        assert_eq!(
+            error_line(&e),
+            "reading m.safetensors: m.safetensors: not a regular file but a FIFO (named pipe)"
+        );
+        let e = anyhow::anyhow!("line one\n  line two\n").context("outer");
+        assert_eq!(error_line(&e), "outer: line one; line two");
     }
 
     #[test]

@@ -398,10 +398,11 @@ pub fn run(args: &PredictArgs, exec: Execution) -> Result<()> {
                     if args.on_error == OnError::Fail {
                         return Err(e);
                     }
-                    eprintln!("skipping {}: {e:#}", path.display());
+                    let error = crate::error_line(&e);
+                    eprintln!("skipping {}: {error}", path.display());
                     skipped.push(Skipped {
                         path: path_text(path),
-                        error: format!("{e:#}"),
+                        error,
                     });
                 }
             }

@@ -26,13 +26,14 @@ fn kind_of(meta: &std::fs::Metadata) -> &'static str {
     if meta.is_dir() {
         "a folder"
     } else {
-        "not a regular file"
+        "something else"
     }
 }
 
 /// Opens `path` for reading if it is a regular file (symbolic links are followed). A FIFO,
-/// socket, device or folder is an [`std::io::ErrorKind::InvalidInput`] error saying what it is;
-/// a FIFO is never waited on.
+/// socket, device or folder is an [`std::io::ErrorKind::InvalidInput`] error saying what it is
+/// (`not a regular file but a FIFO (named pipe)`; callers name the path); a FIFO is never waited
+/// on.
 pub fn open_regular(path: &Path) -> std::io::Result<File> {
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
@@ -48,11 +49,7 @@ pub fn open_regular(path: &Path) -> std::io::Result<File> {
     if !meta.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!(
-                "{} is {}, not a regular file",
-                path.display(),
-                kind_of(&meta)
-            ),
+            format!("not a regular file but {}", kind_of(&meta)),
         ));
     }
     #[cfg(unix)]
