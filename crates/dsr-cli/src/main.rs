@@ -61,7 +61,8 @@ enum Command {
     Convert {
         /// The file to read.
         input: PathBuf,
-        /// The checkpoint to write (replaced atomically if it exists).
+        /// The checkpoint to write (replaced atomically if it exists and is a checkpoint dsr
+        /// wrote; never the input).
         output: PathBuf,
         /// A JSON file with the model configuration (a configuration object, or an object with
         /// a "config" field), for inputs that do not record one. Default: the input's own
@@ -79,7 +80,10 @@ enum Command {
     /// Writes per image <OUT>/<stem>.png (jet overlay, predicted-mask contours in red, score and
     /// label) and <OUT>/<stem>.npy (float32 H×W map at the model's input size), and for the run
     /// <OUT>/predictions.csv and <OUT>/predictions.json. Every file is written atomically. When two
-    /// inputs share a stem, the later ones get `_2`, `_3`, … appended.
+    /// inputs share a stem, the later ones get `_2`, `_3`, … appended; stems keep bytes that are
+    /// not UTF-8, control characters and `%` as `%XX`. An existing file in <OUT> is replaced only
+    /// if dsr wrote it (<OUT>/.dsr-outputs) and it is none of the inputs; <OUT> may not be a
+    /// folder of the inputs.
     #[command(after_help = EXIT_CODES)]
     Predict(predict::PredictArgs),
     /// Evaluate on the test split of an MVTec-style folder (<data>/train/good/, <data>/test/<defect>/,
