@@ -643,7 +643,7 @@ fn huge_counts_and_sizes_are_refused_with_what_they_need() {
         &extra,
     )
     .unwrap();
-    // (Under a 4 GiB cap: the tiny model at that size may fit a large machine.)
+    // Each under a 4 GiB cap: the tiny model at that size may fit a large machine.
     let o = dsr_capped(&[
         "predict",
         "--model",
@@ -659,7 +659,7 @@ fn huge_counts_and_sizes_are_refused_with_what_they_need() {
             "available",
         ],
     );
-    let o = dsr(&[
+    let o = dsr_capped(&[
         "test",
         "--model",
         s(&big),
@@ -678,7 +678,7 @@ fn huge_counts_and_sizes_are_refused_with_what_they_need() {
         "--set",
         "pretrain.crop=64",
     ]);
-    fails_with(&dsr(&args), &["needs about", "--image-size"]);
+    fails_with(&dsr_capped(&args), &["needs about", "--image-size"]);
     assert!(!results.exists());
     // augment: many large samples.
     let o = dsr(&[
