@@ -112,6 +112,14 @@ pub fn preflight(cfg: &RunConfig, test: bool) -> Result<crate::data::Splits> {
         "lower the image size (--image-size)",
     )
     .map_err(config_error)?;
+    // The validation's inference (after training) must fit too.
+    let eval_batch = cfg.data.eval_batch.min(splits.val.len()).max(1);
+    dsr_core::memory::ensure_fits(
+        dsr_core::memory::inference_bytes(&cfg.train.model, eval_batch, cfg.train.image_size),
+        &format!("the validation's inference on batches of {eval_batch} images of {h}×{w}"),
+        "lower data.eval_batch or the image size",
+    )
+    .map_err(config_error)?;
     let root = cfg.data.display_root();
     let mut sets = vec![("validation", &splits.val)];
     if test {
