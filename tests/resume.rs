@@ -121,7 +121,7 @@ fn predict_killed_midway_resumes_to_the_uninterrupted_result() {
         assert!(done < n, "the run was not interrupted");
         assert!(!killed.join("predictions.csv").exists());
         // A temporary file of an interrupted write is cleaned up by the next run.
-        std::fs::write(killed.join(".000.png.4242.7.tmp"), b"partial").unwrap();
+        std::fs::write(killed.join(".dsr-tmp-4194305-7"), b"partial").unwrap();
 
         let resume = || {
             dsr(&[

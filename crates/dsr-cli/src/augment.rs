@@ -1,7 +1,7 @@
 //! `dsr augment`: PNG grids of what the model is trained on (phase-2 masks, phase-3 smudged
 //! images with their masks).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use dsr_augment::preview::{image_grid, mask_grid, RgbImage};
@@ -10,7 +10,8 @@ use dsr_train::data::{list_images, load_image, LoadConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::io::{png_bytes, write_file};
+use crate::guard::OutputDir;
+use crate::io::png_bytes;
 
 /// The options of `dsr augment`.
 #[derive(Debug, clap::Args)]
@@ -21,8 +22,8 @@ pub struct AugmentArgs {
     /// The recipe: original or anomalib.
     #[arg(long, value_name = "RECIPE", default_value = "original")]
     pub recipe: Recipe,
-    /// Samples per grid.
-    #[arg(long, value_name = "N", default_value_t = 16)]
+    /// Samples per grid (1 to 4096; checked against the memory available).
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = crate::parse_batch)]
     pub n: usize,
     /// The output folder.
     #[arg(long, value_name = "DIR", default_value = "augment-preview")]
@@ -35,17 +36,14 @@ pub struct AugmentArgs {
     pub seed: u64,
 }
 
-fn save(grid: &RgbImage, path: &Path) -> Result<()> {
+fn save(grid: &RgbImage, out: &mut OutputDir, name: &str) -> Result<PathBuf> {
     let img = image::RgbImage::from_raw(grid.width as u32, grid.height as u32, grid.pixels.clone())
         .context("internal error: the grid buffer does not match its size")?;
-    write_file(path, &png_bytes(&img)?)
+    out.write(name, &png_bytes(&img)?)
 }
 
 /// Runs `dsr augment`; returns the files written.
 pub fn run(a: &AugmentArgs) -> Result<Vec<PathBuf>> {
-    if a.n == 0 {
-        bail!("--n must be at least 1");
-    }
     dsr_core::config::validate_image_size(a.size, a.size)?;
     let good = a.data.join("train").join("good");
     let dir = if good.is_dir() { good } else { a.data.clone() };
@@ -56,30 +54,46 @@ pub fn run(a: &AugmentArgs) -> Result<Vec<PathBuf>> {
     if files.is_empty() {
         bail!("no image files in {}", dir.display());
     }
+    // The images, their smudged copies (f32, 3 channels), two sets of masks, and the grids (8-bit
+    // RGB): about 40 bytes a pixel of each sample.
+    let pixels = (a.n as u64) * (a.size as u64) * (a.size as u64);
+    dsr_core::memory::ensure_fits(
+        pixels.saturating_mul(40),
+        &format!("{} samples of {1}×{1}", a.n, a.size),
+        "lower --n or --size",
+    )
+    .map_err(anyhow::Error::msg)?;
+    let mut out = OutputDir::open(&a.out, &files, &[], "dsr augment")?;
+    let names = [
+        format!("phase2_masks_{}.png", a.recipe),
+        format!("phase3_images_{}.png", a.recipe),
+        format!("phase3_masks_{}.png", a.recipe),
+    ];
+    for name in &names {
+        out.check(name)?;
+    }
     let cfg = LoadConfig::new(a.size as u32, a.size as u32);
-    let mut data = Vec::with_capacity(a.n * 3 * a.size * a.size);
+    let mut data = Vec::new();
+    data.try_reserve_exact(a.n * 3 * a.size * a.size)
+        .context("cannot reserve memory for the samples")?;
     for i in 0..a.n {
         data.extend(load_image(&files[i % files.len()], &cfg)?);
     }
     let images = ImageBatch::new(a.n, 3, a.size, a.size, data)?;
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("cannot create the output folder {}", a.out.display()))?;
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let columns = (a.n as f64).sqrt().ceil() as usize;
     let masks = MaskGenerator::new(a.recipe).generate_batch(a.n, a.size, a.size, &mut rng)?;
     let smudger = SmudgeGenerator::new(a.recipe, &mut rng);
     let (smudged, smudge_masks) = smudger.apply_batch(&images, &mut rng)?;
     let written = vec![
-        a.out.join(format!("phase2_masks_{}.png", a.recipe)),
-        a.out.join(format!("phase3_images_{}.png", a.recipe)),
-        a.out.join(format!("phase3_masks_{}.png", a.recipe)),
+        save(&mask_grid(&masks, columns), &mut out, &names[0])?,
+        save(
+            &image_grid(&smudged, Some(&smudge_masks), columns),
+            &mut out,
+            &names[1],
+        )?,
+        save(&mask_grid(&smudge_masks, columns), &mut out, &names[2])?,
     ];
-    save(&mask_grid(&masks, columns), &written[0])?;
-    save(
-        &image_grid(&smudged, Some(&smudge_masks), columns),
-        &written[1],
-    )?;
-    save(&mask_grid(&smudge_masks, columns), &written[2])?;
     for p in &written {
         println!("wrote {}", p.display());
     }

@@ -15,7 +15,7 @@ use dsr_eval::postprocess::{PostProcessor, METADATA_KEY};
 /// Reads a configuration from a JSON file holding either the configuration object itself or an
 /// object with a `config` field (as the parity fixtures do).
 fn read_config(path: &Path) -> Result<DsrConfig> {
-    let text = std::fs::read_to_string(path)
+    let text = dsr_core::files::read_regular_to_string(path)
         .with_context(|| format!("cannot read the configuration {}", path.display()))?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", path.display()))?;
@@ -74,6 +74,9 @@ pub fn run(
     if !input.exists() {
         bail!("the input file {} does not exist", input.display());
     }
+    let mut reads = vec![input.to_path_buf()];
+    reads.extend(config.map(Path::to_path_buf));
+    crate::guard::check_output_file(output, &reads)?;
     let ckpt = load_checkpoint(input).with_context(|| format!("reading {}", input.display()))?;
     let given = config.map(read_config).transpose()?;
     let cfg = match (ckpt.config, given) {

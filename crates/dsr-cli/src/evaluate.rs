@@ -11,7 +11,7 @@ use dsr_train::data::{Entry, MvtecDataset};
 use dsr_train::pipeline::samples_of;
 use serde::Serialize;
 
-use crate::io::write_file;
+use crate::guard::OutputDir;
 use crate::report;
 
 /// The options of `dsr test`.
@@ -30,8 +30,8 @@ pub struct TestArgs {
     /// The output folder (created if missing).
     #[arg(long, value_name = "DIR", default_value = "results")]
     pub out: PathBuf,
-    /// Images per forward pass.
-    #[arg(long, value_name = "N", default_value_t = 8)]
+    /// Images per forward pass (1 to 4096; checked against the memory available).
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = crate::parse_batch)]
     pub batch: usize,
     /// What to do with a test image or mask that cannot be read: stop (fail), or leave the
     /// sample out of the metrics and list it under `skipped` in metrics.json (skip).
@@ -88,18 +88,41 @@ struct MetricsFile<'a> {
 
 /// Runs `dsr test`.
 pub fn run(args: &TestArgs, exec: Execution) -> Result<()> {
-    if args.batch == 0 {
-        bail!("--batch must be at least 1");
+    if args.max_pixels == 0 {
+        bail!("--max-pixels must be at least 1");
+    }
+    if let Some(c) = &args.category {
+        dsr_train::session::check_category(c)?;
     }
     let (root, samples) = scan_test_split(&args.data, args.category.as_deref())?;
     let detector = Detector::load_on(&args.model, exec, &args.device.device()?)?;
+    let mut out = open_output(&args.out, &samples, &detector)?;
     let options = EvalOptions {
         batch: args.batch,
         on_error: args.on_error,
         max_pixels: args.max_pixels,
     };
     let evaluation = evaluate_set(&detector, &root, samples, &options)?;
-    write_results(&detector, &root, &evaluation, &args.out)
+    write_results(&detector, &root, &evaluation, &mut out)
+}
+
+/// Takes the output folder of a test of `samples` by `detector` (before anything is evaluated):
+/// it must not be a folder of the test images, and its `metrics.json` and `report.html`, if
+/// present, must be files this program wrote.
+pub fn open_output(
+    out: &Path,
+    samples: &[dsr_eval::Sample],
+    detector: &Detector,
+) -> Result<OutputDir> {
+    let reads: Vec<PathBuf> = samples
+        .iter()
+        .flat_map(|s| std::iter::once(s.path.clone()).chain(s.mask.clone()))
+        .collect();
+    let model: Vec<PathBuf> = detector.path().map(Path::to_path_buf).into_iter().collect();
+    let dir = OutputDir::open(out, &reads, &model, "dsr test")?;
+    dir.check("metrics.json")?;
+    dir.check("report.html")?;
+    Ok(dir)
 }
 
 /// [`evaluate`] with the skipped samples reported on standard error; names `root` when nothing
@@ -137,7 +160,7 @@ pub fn write_results(
     detector: &Detector,
     root: &Path,
     evaluation: &Evaluation,
-    out: &Path,
+    out_dir: &mut OutputDir,
 ) -> Result<()> {
     let curves = evaluation.curves()?;
     let (post, threshold_source) = match detector.post() {
@@ -157,8 +180,6 @@ pub fn write_results(
         .context("cannot compute the per-defect-type metrics")?;
     print_table(&overall, &per_type);
     println!("F1 thresholds: {threshold_source}");
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create the output folder {}", out.display()))?;
     let model_name = detector
         .path()
         .map_or_else(String::new, |p| p.display().to_string());
@@ -174,9 +195,8 @@ pub fn write_results(
         per_defect_type: &per_type,
         skipped: &evaluation.skipped,
     };
-    let metrics_path = out.join("metrics.json");
-    write_file(
-        &metrics_path,
+    let metrics_path = out_dir.write(
+        "metrics.json",
         serde_json::to_string_pretty(&file)?.as_bytes(),
     )?;
     let html = report::html(&report::ReportInput {
@@ -189,8 +209,7 @@ pub fn write_results(
         curves: &curves,
         evaluated: evaluation,
     })?;
-    let report_path = out.join("report.html");
-    write_file(&report_path, html.as_bytes())?;
+    let report_path = out_dir.write("report.html", html.as_bytes())?;
     println!(
         "wrote {} and {}",
         metrics_path.display(),

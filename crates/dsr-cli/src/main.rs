@@ -5,6 +5,7 @@
 mod augment;
 mod convert;
 mod evaluate;
+mod guard;
 mod heap;
 mod io;
 mod predict;
@@ -60,7 +61,8 @@ enum Command {
     Convert {
         /// The file to read.
         input: PathBuf,
-        /// The checkpoint to write (replaced atomically if it exists).
+        /// The checkpoint to write (replaced atomically if it exists and is a checkpoint dsr
+        /// wrote; never the input).
         output: PathBuf,
         /// A JSON file with the model configuration (a configuration object, or an object with
         /// a "config" field), for inputs that do not record one. Default: the input's own
@@ -78,7 +80,10 @@ enum Command {
     /// Writes per image <OUT>/<stem>.png (jet overlay, predicted-mask contours in red, score and
     /// label) and <OUT>/<stem>.npy (float32 H×W map at the model's input size), and for the run
     /// <OUT>/predictions.csv and <OUT>/predictions.json. Every file is written atomically. When two
-    /// inputs share a stem, the later ones get `_2`, `_3`, … appended.
+    /// inputs share a stem, the later ones get `_2`, `_3`, … appended; stems keep bytes that are
+    /// not UTF-8, control characters and `%` as `%XX`. An existing file in <OUT> is replaced only
+    /// if dsr wrote it (<OUT>/.dsr-outputs) and it is none of the inputs; <OUT> may not be a
+    /// folder of the inputs.
     #[command(after_help = EXIT_CODES)]
     Predict(predict::PredictArgs),
     /// Evaluate on the test split of an MVTec-style folder (<data>/train/good/, <data>/test/<defect>/,
@@ -149,6 +154,17 @@ fn parse_focal(s: &str) -> std::result::Result<dsr_losses::FocalKind, String> {
     }
 }
 
+/// Parses a batch size: a whole number from 1 to 4096 (what the memory needs is checked once
+/// the model is known).
+fn parse_batch(s: &str) -> std::result::Result<usize, String> {
+    let max = dsr_train::train::MAX_BATCH_SIZE;
+    match s.trim().parse::<u128>() {
+        Ok(n) if (1..=max as u128).contains(&n) => Ok(n as usize),
+        Ok(n) => Err(format!("{n} is out of range: give a count from 1 to {max}")),
+        Err(_) => Err(format!("'{s}' is not a whole number")),
+    }
+}
+
 /// Parses `H,W` (or `HxW`) into `[H, W]`.
 fn parse_size(s: &str) -> std::result::Result<[usize; 2], String> {
     let parts: Vec<&str> = s.split([',', 'x', '×']).map(str::trim).collect();
@@ -214,10 +230,33 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_line(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// An error and its causes on one line: each cause's message once (a cause whose text the line
+/// already holds, as errors that print their source do, is left out), line breaks joined.
+pub(crate) fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause
+            .to_string()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn info(path: PathBuf) -> Result<()> {
@@ -281,6 +320,20 @@ mod tests {
         assert!(parse_size("65,64").is_err());
         assert!(parse_size("64").is_err());
         assert!(parse_size("a,64").is_err());
+    }
+
+    #[test]
+    fn errors_are_one_line_with_each_cause_once() {
+        let io = std::io::Error::other("not a regular file but a FIFO (named pipe)");
+        let e = anyhow::Error::new(io)
+            .context("m.safetensors: not a regular file but a FIFO (named pipe)");
+        let e = e.context("reading m.safetensors");
+        assert_eq!(
+            error_line(&e),
+            "reading m.safetensors: m.safetensors: not a regular file but a FIFO (named pipe)"
+        );
+        let e = anyhow::anyhow!("line one\n  line two\n").context("outer");
+        assert_eq!(error_line(&e), "outer: line one; line two");
     }
 
     #[test]

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::io::{npy_bytes, png_bytes, write_file};
+use crate::guard::{fnv64, path_text, OutputDir};
+use crate::io::{npy_bytes, png_bytes};
 use crate::render::{draw_contours, draw_text, heat_overlay};
 use dsr_eval::image::{load_image, ModelImage, IMAGE_EXTENSIONS};
 use dsr_eval::{Detector, Execution, OnError};
@@ -37,8 +38,8 @@ pub struct PredictArgs {
     /// with the others (skip), or stop at the first bad input with exit code 1 (fail).
     #[arg(long, value_name = "POLICY", default_value_t = OnError::Skip, value_parser = crate::parse_on_error)]
     pub on_error: OnError,
-    /// Images per forward pass.
-    #[arg(long, value_name = "N", default_value_t = 8)]
+    /// Images per forward pass (1 to 4096; checked against the memory available).
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = crate::parse_batch)]
     pub batch: usize,
     /// Continue an interrupted run into the same --out: images whose .png and .npy are
     /// already there and complete (and recorded in <OUT>/predictions.jsonl) are not predicted
@@ -76,28 +77,66 @@ struct JournalHeader {
     raw: bool,
 }
 
-/// A journal line of one finished image.
+/// A journal line of one finished image: its row, what the input file was when it was read,
+/// and a check over the row, the input and both output files (a row edited by hand, an input
+/// changed since, or an output replaced is predicted again).
 #[derive(Serialize, Deserialize)]
 struct Done {
     stem: String,
     row: Row,
+    input: InputStamp,
+    check: String,
+}
+
+/// The size, modification time and FNV-1a hash of an input file.
+#[derive(Serialize, Deserialize, PartialEq, Clone, Debug)]
+struct InputStamp {
+    bytes: u64,
+    mtime_ns: u128,
+    fnv64: String,
+}
+
+impl InputStamp {
+    fn of(path: &Path) -> Option<Self> {
+        let bytes = dsr_core::files::read_regular(path).ok()?;
+        let mtime_ns = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        Some(Self {
+            bytes: bytes.len() as u64,
+            mtime_ns,
+            fnv64: format!("{:016x}", fnv64(&bytes)),
+        })
+    }
+}
+
+/// The check of a journal line: FNV-1a over the row (its output paths without the folder, so
+/// that the journal does not depend on where `--out` is), the stem, the input stamp and the bytes
+/// of the overlay and the map.
+fn line_check(stem: &str, row: &Row, input: &InputStamp, png: &[u8], npy: &[u8]) -> Result<String> {
+    let row = Row {
+        overlay: format!("{stem}.png"),
+        map: format!("{stem}.npy"),
+        ..row.clone()
+    };
+    let text = serde_json::to_string(&(stem, &row, input))?;
+    Ok(format!(
+        "{:016x}",
+        fnv64(format!("{text}{:016x}{:016x}", fnv64(png), fnv64(npy)).as_bytes())
+    ))
 }
 
 /// FNV-1a (64 bits) of a file: identifies the model a folder of outputs was made with.
 fn fingerprint(path: &Path) -> Result<(u64, String)> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in &bytes {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    Ok((bytes.len() as u64, format!("{h:016x}")))
+    let bytes = dsr_core::files::read_regular(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok((bytes.len() as u64, format!("{:016x}", fnv64(&bytes))))
 }
 
-/// Whether `path` is a complete `.npy` of a `h`×`w` float32 map as [`npy_bytes`] writes it.
-fn npy_complete(path: &Path, h: usize, w: usize) -> bool {
-    let Ok(bytes) = std::fs::read(path) else {
-        return false;
-    };
+/// Whether `bytes` are a complete `.npy` of a `h`×`w` float32 map as [`npy_bytes`] writes it.
+fn npy_complete(bytes: &[u8], h: usize, w: usize) -> bool {
     if bytes.len() < 10 || &bytes[..8] != b"\x93NUMPY\x01\x00" {
         return false;
     }
@@ -107,38 +146,15 @@ fn npy_complete(path: &Path, h: usize, w: usize) -> bool {
         && std::str::from_utf8(&bytes[10..10 + header]).is_ok_and(|t| t.contains(&shape))
 }
 
-/// Whether `path` is a PNG that ends with its IEND chunk.
-fn png_complete(path: &Path) -> bool {
+/// Whether `b` is a PNG that ends with its IEND chunk.
+fn png_complete(b: &[u8]) -> bool {
     const IEND: [u8; 12] = [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xae, 0x42, 0x60, 0x82];
-    std::fs::read(path).is_ok_and(|b| b.starts_with(b"\x89PNG\r\n\x1a\n") && b.ends_with(&IEND))
-}
-
-/// Removes the temporary files an interrupted run left for the outputs named in `names`.
-fn remove_stale_temporaries(out: &Path, names: &HashSet<String>) {
-    let Ok(entries) = std::fs::read_dir(out) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let file = entry.file_name().to_string_lossy().into_owned();
-        if !file.starts_with('.') {
-            continue;
-        }
-        let base = file
-            .trim_start_matches('.')
-            .rsplitn(4, '.')
-            .nth(3)
-            .map(str::to_string);
-        if let Some(base) = base {
-            if names.contains(&base) && dsr_core::weights::is_temp_file_of(&file, &base) {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
+    b.starts_with(b"\x89PNG\r\n\x1a\n") && b.ends_with(&IEND)
 }
 
 /// The journal of a previous run into `out`: its finished images by stem, when its header
 /// matches `header`. A header of another model or `--raw` setting is an error.
-fn read_journal(path: &Path, header: &JournalHeader) -> Result<HashMap<String, Row>> {
+fn read_journal(path: &Path, header: &JournalHeader) -> Result<HashMap<String, Done>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
@@ -157,7 +173,7 @@ fn read_journal(path: &Path, header: &JournalHeader) -> Result<HashMap<String, R
     // A last line cut by the interruption does not parse and is ignored.
     Ok(lines
         .filter_map(|l| serde_json::from_str::<Done>(l).ok())
-        .map(|d| (d.stem, d.row))
+        .map(|d| (d.stem.clone(), d))
         .collect())
 }
 
@@ -231,10 +247,7 @@ pub fn expand_inputs(inputs: &[String]) -> (Vec<PathBuf>, Vec<(String, String)>)
 
 /// Output stems, unique within the run: a repeated stem gets `_2`, `_3`, … appended.
 fn unique_stem(path: &Path, used: &mut HashSet<String>) -> String {
-    let base = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image".to_string());
+    let base = crate::guard::output_stem(path);
     let mut stem = base.clone();
     let mut n = 2;
     while !used.insert(stem.clone()) {
@@ -252,10 +265,38 @@ fn csv_field(s: &str) -> String {
     }
 }
 
+/// The row of `done` when it still holds for the input `path` and the outputs in `out`: the
+/// input file unchanged (size, time, hash), the row consistent with the model (names, finite
+/// score, label), and the line's check over the row and both output files intact.
+fn still_valid(done: &Done, path: &Path, stem: &str, out: &Path, model: &Detector) -> Option<Row> {
+    let row = &done.row;
+    let [h, w] = model.size();
+    let png_path = out.join(format!("{stem}.png"));
+    let npy_path = out.join(format!("{stem}.npy"));
+    let consistent = row.path == path_text(path)
+        && row.overlay == png_path.display().to_string()
+        && row.map == npy_path.display().to_string()
+        && row.score.is_finite()
+        && row.label
+            == if model.image_label(row.score) {
+                "anomalous"
+            } else {
+                "normal"
+            }
+        && row.normalized_score == model.post().map(|p| p.normalize_score(row.score));
+    if !consistent || InputStamp::of(path).as_ref() != Some(&done.input) {
+        return None;
+    }
+    let png = dsr_core::files::read_regular(&png_path).ok()?;
+    let npy = dsr_core::files::read_regular(&npy_path).ok()?;
+    let check = line_check(stem, row, &done.input, &png, &npy).ok()?;
+    (png_complete(&png) && npy_complete(&npy, h, w) && check == done.check).then(|| row.clone())
+}
+
 /// Runs `dsr predict`.
 pub fn run(args: &PredictArgs, exec: Execution) -> Result<()> {
-    if args.batch == 0 {
-        bail!("--batch must be at least 1");
+    if args.max_pixels == 0 {
+        bail!("--max-pixels must be at least 1");
     }
     let model = Detector::load_on(&args.model, exec, &args.device.device()?)?;
     let (files, problems) = expand_inputs(&args.paths);
@@ -270,8 +311,13 @@ pub fn run(args: &PredictArgs, exec: Execution) -> Result<()> {
             error: problem,
         });
     }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create the output folder {}", args.out.display()))?;
+    model.check_batch_memory(args.batch.min(files.len()).max(1))?;
+    let mut out = OutputDir::open(
+        &args.out,
+        &files,
+        std::slice::from_ref(&args.model),
+        "dsr predict",
+    )?;
     let raw_maps = args.raw || model.post().is_none();
     let map_values = if raw_maps { "raw" } else { "normalized" };
     let label_rule = if model.post().is_some() {
@@ -284,16 +330,15 @@ pub fn run(args: &PredictArgs, exec: Execution) -> Result<()> {
     // the interrupted one did.
     let mut used = HashSet::new();
     let stems: Vec<String> = files.iter().map(|p| unique_stem(p, &mut used)).collect();
-    let mut names: HashSet<String> = stems
-        .iter()
-        .flat_map(|s| [format!("{s}.png"), format!("{s}.npy")])
-        .collect();
-    names.extend(
-        ["predictions.csv", "predictions.json", JOURNAL]
-            .iter()
-            .map(|s| s.to_string()),
-    );
-    remove_stale_temporaries(&args.out, &names);
+    // Every output is checked before anything is written: none may be an input or a file this
+    // program did not write.
+    for stem in &stems {
+        out.check(&format!("{stem}.png"))?;
+        out.check(&format!("{stem}.npy"))?;
+    }
+    for name in ["predictions.csv", "predictions.json", JOURNAL] {
+        out.check(name)?;
+    }
 
     let (model_bytes, model_fnv64) = fingerprint(&args.model)?;
     let header = JournalHeader {
@@ -308,33 +353,25 @@ pub fn run(args: &PredictArgs, exec: Execution) -> Result<()> {
         HashMap::new()
     };
     let mut rows: Vec<Option<Row>> = vec![None; files.len()];
+    let mut kept_lines: Vec<String> = Vec::new();
     let mut reused = 0;
     for (i, (path, stem)) in files.iter().zip(&stems).enumerate() {
-        if let Some(row) = previous.get(stem) {
-            if row.path == path.display().to_string()
-                && png_complete(&args.out.join(format!("{stem}.png")))
-                && npy_complete(&args.out.join(format!("{stem}.npy")), h, w)
-            {
-                rows[i] = Some(row.clone());
+        if let Some(done) = previous.get(stem) {
+            if let Some(row) = still_valid(done, path, stem, &args.out, &model) {
+                rows[i] = Some(row);
+                kept_lines.push(serde_json::to_string(done)?);
                 reused += 1;
             }
         }
     }
     // The journal is rewritten with what is kept, then appended to image by image.
     let mut journal_text = serde_json::to_string(&header)? + "\n";
-    for (row, stem) in rows.iter().zip(&stems) {
-        if let Some(row) = row {
-            journal_text += &(serde_json::to_string(&Done {
-                stem: stem.clone(),
-                row: row.clone(),
-            })? + "\n");
-        }
+    for line in &kept_lines {
+        journal_text += line;
+        journal_text.push('\n');
     }
-    write_file(&journal_path, journal_text.as_bytes())?;
-    let mut journal = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&journal_path)
-        .with_context(|| format!("cannot open {}", journal_path.display()))?;
+    out.write(JOURNAL, journal_text.as_bytes())?;
+    let mut journal = out.append(JOURNAL)?;
     if args.resume {
         println!(
             "resuming: {reused} of {} image(s) already done in {}",
@@ -345,19 +382,27 @@ pub fn run(args: &PredictArgs, exec: Execution) -> Result<()> {
 
     let todo: Vec<usize> = (0..files.len()).filter(|&i| rows[i].is_none()).collect();
     for chunk in todo.chunks(args.batch) {
-        let mut loaded: Vec<(usize, ModelImage)> = Vec::new();
+        let mut loaded: Vec<(usize, ModelImage, InputStamp)> = Vec::new();
         for &i in chunk {
             let path = &files[i];
-            match load_image(path, [h, w], args.max_pixels) {
-                Ok(img) => loaded.push((i, img)),
+            let read = load_image(path, [h, w], args.max_pixels)
+                .map_err(anyhow::Error::from)
+                .and_then(|img| {
+                    let stamp = InputStamp::of(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    Ok((img, stamp))
+                });
+            match read {
+                Ok((img, stamp)) => loaded.push((i, img, stamp)),
                 Err(e) => {
                     if args.on_error == OnError::Fail {
-                        return Err(e.into());
+                        return Err(e);
                     }
-                    eprintln!("skipping {}: {e:#}", path.display());
+                    let error = crate::error_line(&e);
+                    eprintln!("skipping {}: {error}", path.display());
                     skipped.push(Skipped {
-                        path: path.display().to_string(),
-                        error: format!("{e:#}"),
+                        path: path_text(path),
+                        error,
                     });
                 }
             }
@@ -365,10 +410,16 @@ pub fn run(args: &PredictArgs, exec: Execution) -> Result<()> {
         if loaded.is_empty() {
             continue;
         }
-        let inputs: Vec<&[f32]> = loaded.iter().map(|(_, img)| img.chw.as_slice()).collect();
-        let predictions = model.predict(&inputs)?;
-        for ((i, img), pred) in loaded.iter().zip(predictions) {
-            let (path, stem) = (&files[*i], &stems[*i]);
+        let inputs: Vec<&[f32]> = loaded
+            .iter()
+            .map(|(_, img, _)| img.chw.as_slice())
+            .collect();
+        let paths: Vec<&Path> = loaded.iter().map(|(i, _, _)| files[*i].as_path()).collect();
+        let predictions = model
+            .predict(&inputs)
+            .map_err(|e| e.naming_inputs(&paths))?;
+        for ((i, img, stamp), pred) in loaded.into_iter().zip(predictions) {
+            let (path, stem) = (&files[i], &stems[i]);
             let shown = model.display_map(&pred.map);
             let mut overlay = heat_overlay(&img.to_rgb8([h, w]), &shown);
             draw_contours(&mut overlay, &model.pixel_mask(&pred.map), [255, 0, 0]);
@@ -382,13 +433,14 @@ pub fn run(args: &PredictArgs, exec: Execution) -> Result<()> {
                 [64, 255, 64]
             };
             draw_text(&mut overlay, &text, colour);
-            let png_path = args.out.join(format!("{stem}.png"));
-            write_file(&png_path, &png_bytes(&overlay)?)?;
-            let npy_path = args.out.join(format!("{stem}.npy"));
+            let png = png_bytes(&overlay)?;
+            let png_path = out.write(&format!("{stem}.png"), &png)?;
             let values = if raw_maps { &pred.map } else { &shown };
-            write_file(&npy_path, &npy_bytes(values, h, w))?;
+            let npy = npy_bytes(values, h, w);
+            let npy_path = out.write(&format!("{stem}.npy"), &npy)?;
             let row = Row {
-                path: path.display().to_string(),
+                path: path_text(path),
+                // Output names are UTF-8 (escaped from the input's): these paths are usable.
                 overlay: png_path.display().to_string(),
                 map: npy_path.display().to_string(),
                 original_size: img.original_size,
@@ -398,14 +450,17 @@ pub fn run(args: &PredictArgs, exec: Execution) -> Result<()> {
             };
             // One write per line: an interruption loses at most this line, and the image is
             // then predicted again.
+            let check = line_check(stem, &row, &stamp, &png, &npy)?;
             let line = serde_json::to_string(&Done {
                 stem: stem.clone(),
                 row: row.clone(),
+                input: stamp,
+                check,
             })? + "\n";
             journal
                 .write_all(line.as_bytes())
                 .with_context(|| format!("cannot write {}", journal_path.display()))?;
-            rows[*i] = Some(row);
+            rows[i] = Some(row);
         }
     }
     let rows: Vec<Row> = rows.into_iter().flatten().collect();
@@ -424,9 +479,9 @@ pub fn run(args: &PredictArgs, exec: Execution) -> Result<()> {
             csv_field(&r.map),
         ));
     }
-    write_file(&args.out.join("predictions.csv"), csv.as_bytes())?;
+    out.write("predictions.csv", csv.as_bytes())?;
     let report = Report {
-        model: args.model.display().to_string(),
+        model: path_text(&args.model),
         image_size: [h, w],
         map_values,
         label_rule,
@@ -434,7 +489,7 @@ pub fn run(args: &PredictArgs, exec: Execution) -> Result<()> {
         skipped: &skipped,
     };
     let json = serde_json::to_string_pretty(&report)?;
-    write_file(&args.out.join("predictions.json"), json.as_bytes())?;
+    out.write("predictions.json", json.as_bytes())?;
     println!(
         "{} image(s) predicted, {} skipped; maps are {map_values}; results in {}",
         rows.len(),

@@ -132,8 +132,8 @@ pub struct TrainOverrides {
     /// Training image size H,W (multiples of 32, at least 64). Default 256,256.
     #[arg(long, value_name = "H,W", value_parser = crate::parse_size)]
     pub image_size: Option<[usize; 2]>,
-    /// Images per step. Default 8.
-    #[arg(long, value_name = "N")]
+    /// Images per step (1 to 4096). Default 8.
+    #[arg(long, value_name = "N", value_parser = crate::parse_batch)]
     pub batch: Option<usize>,
     /// Phase-2 steps (original schedule). Default 100000.
     #[arg(long, value_name = "N")]
@@ -342,19 +342,39 @@ pub fn run_session(session: &Session, device: &Device, test: bool) -> Result<Run
         }
     });
     progress.finish();
-    let outcome = outcome.with_context(|| {
-        format!(
-            "training in {} stopped (resume with `dsr train --resume {}`)",
-            session.dir().path.display(),
-            session.dir().path.display()
-        )
-    })?;
+    let outcome = match outcome {
+        Ok(o) => o,
+        // The model was written; resuming would only repeat the validation.
+        Err(e @ dsr_train::train::TrainError::Unvalidated { .. }) => return Err(e.into()),
+        Err(e) => {
+            let dir = session.dir().path.display();
+            return Err(anyhow::Error::new(e).context(if session.can_resume() {
+                format!("training in {dir} stopped (fix the problem, then resume with `dsr train --resume {dir}`)")
+            } else {
+                format!("training in {dir} stopped before its first checkpoint (fix the problem and start a new run)")
+            }));
+        }
+    };
     println!("training took {}", human(started.elapsed().as_secs_f64()));
     if test && !outcome.test.is_empty() {
+        test_after_training(session, &outcome, device).with_context(|| {
+            format!(
+                "the model is written to {}, but its test could not run",
+                outcome.model.display()
+            )
+        })?;
+    }
+    Ok(outcome)
+}
+
+/// The test evaluation of a finished run, into its run folder.
+fn test_after_training(session: &Session, outcome: &RunOutcome, device: &Device) -> Result<()> {
+    {
         let cfg = session.config();
         let root = cfg.data.display_root();
         let samples = evaluate::samples_from_entries(&outcome.test, &root)?;
         let detector = Detector::load_on(&outcome.model, session.execution(), device)?;
+        let mut out = evaluate::open_output(&session.dir().path, &samples, &detector)?;
         // With the validation set equal to the test set (anomalib's default) the validation
         // has already evaluated every test image with this model: its evaluation is the test's.
         let tested;
@@ -368,9 +388,9 @@ pub fn run_session(session: &Session, device: &Device, test: bool) -> Result<Run
             tested = evaluate::evaluate_set(&detector, &root, samples, &options)?;
             &tested
         };
-        evaluate::write_results(&detector, &root, evaluation, &session.dir().path)?;
+        evaluate::write_results(&detector, &root, evaluation, &mut out)?;
     }
-    Ok(outcome)
+    Ok(())
 }
 
 /// Runs `dsr train`.
@@ -384,7 +404,7 @@ pub fn train(
 ) -> Result<()> {
     if print_config {
         let cfg = match resume {
-            Some(dir) => Session::resume(dir)?.config().clone(),
+            Some(dir) => Session::read_config(dir)?,
             None => resolve_config(o)?,
         };
         print!("{}", cfg.to_toml()?);
@@ -393,9 +413,16 @@ pub fn train(
     let started = Instant::now();
     let device = device.device()?;
     let session = match resume {
-        Some(dir) => Session::resume(dir)?,
+        Some(dir) => {
+            let session = Session::resume(dir)?;
+            dsr_train::session::preflight(session.config(), test)?;
+            session
+        }
         None => {
             let mut cfg = resolve_config(o)?;
+            // Everything that can be checked is checked before the run folder is made and
+            // before any step is timed or taken.
+            dsr_train::session::preflight(&cfg, test)?;
             if let Some(budget) = o.time_budget {
                 plan_to_budget(&mut cfg, budget, started, &device, test)?;
             }
@@ -428,8 +455,8 @@ pub struct PretrainArgs {
     /// Side the images are resized to before cropping.
     #[arg(long, value_name = "PX", default_value_t = 256)]
     pub load_size: usize,
-    /// Crops per step.
-    #[arg(long, value_name = "N", default_value_t = 16)]
+    /// Crops per step (1 to 4096).
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = crate::parse_batch)]
     pub batch: usize,
     /// Seed.
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -456,6 +483,24 @@ fn images_below(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Runs `dsr pretrain`.
 pub fn pretrain(a: &PretrainArgs, exec: Execution) -> Result<()> {
+    if a.load_size == 0 || a.crop > a.load_size {
+        bail!(
+            "--load-size {} must be at least the crop size {} (the crops are cut from the images at that size)",
+            a.load_size,
+            a.crop
+        );
+    }
+    dsr_core::config::validate_image_size(a.load_size, a.load_size).context("--load-size")?;
+    let cfg = PretrainConfig {
+        model: a.preset.config(),
+        crop: a.crop,
+        batch_size: a.batch,
+        steps: a.steps,
+        seed: a.seed,
+        ..PretrainConfig::default()
+    };
+    cfg.validate()?;
+    cfg.check_memory()?;
     let device = a.device.device()?;
     if !a.images.is_dir() {
         bail!("the image folder {} does not exist", a.images.display());
@@ -464,6 +509,7 @@ pub fn pretrain(a: &PretrainArgs, exec: Execution) -> Result<()> {
     if files.is_empty() {
         bail!("no image files under {}", a.images.display());
     }
+    let inputs: Vec<PathBuf> = files.clone();
     let entries: Vec<Entry> = files
         .into_iter()
         .map(|path| Entry {
@@ -473,22 +519,15 @@ pub fn pretrain(a: &PretrainArgs, exec: Execution) -> Result<()> {
             defect_type: "good".into(),
         })
         .collect();
-    let load = a.load_size.max(a.crop);
+    let load = a.load_size;
     println!(
         "phase 1 on {} images from {} ({load}×{load}, crops {})",
         entries.len(),
         a.images.display(),
         a.crop
     );
+    crate::guard::check_output_file(&a.out, &inputs)?;
     let images = load_image_batch(&entries, [load, load])?;
-    let cfg = PretrainConfig {
-        model: a.preset.config(),
-        crop: a.crop,
-        batch_size: a.batch,
-        steps: a.steps,
-        seed: a.seed,
-        ..PretrainConfig::default()
-    };
     let mut pre = Pretrainer::with_execution(cfg, images, &device, exec)?;
     let mut progress = Progress::new();
     progress.start_phase(1, 0, a.steps);

@@ -18,28 +18,39 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Distinguishes the temporary files of concurrent writes from one process.
 static TEMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// The temporary file [`write_atomic`] writes before renaming it to `path`:
-/// `.<name>.<pid>.<n>.tmp` in the same folder.
-fn temp_path(dir: &Path, name: &str) -> PathBuf {
+/// The prefix of [`write_atomic`]'s temporary files.
+pub const TEMP_PREFIX: &str = ".dsr-tmp-";
+
+/// The temporary file [`write_atomic`] writes before renaming it to its target:
+/// `.dsr-tmp-<pid>-<n>` in the same folder. The name does not contain the target's, so a target
+/// name of any legal length has a temporary name far below the file-name limit.
+fn temp_path(dir: &Path) -> PathBuf {
     let n = TEMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()))
+    dir.join(format!("{TEMP_PREFIX}{}-{n}", std::process::id()))
 }
 
-/// Whether `file_name` is one of [`write_atomic`]'s temporary files for a file named `name`
-/// (left behind only when the process was killed during a write).
-pub fn is_temp_file_of(file_name: &str, name: &str) -> bool {
-    file_name
-        .strip_prefix('.')
-        .and_then(|rest| rest.strip_prefix(name))
-        .and_then(|rest| rest.strip_prefix('.'))
-        .and_then(|rest| rest.strip_suffix(".tmp"))
-        .is_some_and(|middle| {
-            let mut parts = middle.split('.');
-            let numeric = |p: Option<&str>| {
-                p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-            };
-            numeric(parts.next()) && numeric(parts.next()) && parts.next().is_none()
-        })
+/// Whether `file_name` is one of [`write_atomic`]'s temporary files (left behind only when a
+/// process was killed during a write): `.dsr-tmp-<pid>-<n>`.
+pub fn is_temp_file(file_name: &str) -> bool {
+    file_name.strip_prefix(TEMP_PREFIX).is_some_and(|rest| {
+        let mut parts = rest.split('-');
+        let numeric = |p: Option<&str>| {
+            p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        };
+        numeric(parts.next()) && numeric(parts.next()) && parts.next().is_none()
+    })
+}
+
+/// Whether the process `pid` of a temporary file's name is still running (its temporary files
+/// must then be left alone).
+pub fn temp_file_owner_alive(file_name: &str) -> bool {
+    let Some(pid) = file_name
+        .strip_prefix(TEMP_PREFIX)
+        .and_then(|rest| rest.split('-').next())
+    else {
+        return false;
+    };
+    Path::new("/proc").join(pid).exists() && pid != std::process::id().to_string()
 }
 
 /// [`write_atomic`] with the writing of the content injected (the seam that tests use to make
@@ -52,12 +63,10 @@ fn write_atomic_with(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::weights(path, "not a file path"))?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = temp_path(&dir, &name);
+    if path.file_name().is_none() {
+        return Err(Error::weights(path, "not a file path"));
+    }
+    let tmp = temp_path(&dir);
     let result = (|| {
         let mut file = std::fs::File::create(&tmp)?;
         write(&mut file)?;
@@ -165,12 +174,30 @@ mod tests {
     #[test]
     fn temporary_file_names_are_recognised() {
         let dir = Path::new("/x");
-        let tmp = temp_path(dir, "a.png");
+        let tmp = temp_path(dir);
         let name = tmp.file_name().unwrap().to_str().unwrap();
-        assert!(is_temp_file_of(name, "a.png"), "{name}");
-        assert!(!is_temp_file_of(name, "a.npy"));
-        assert!(!is_temp_file_of(".a.png.tmp", "a.png"));
-        assert!(!is_temp_file_of(".a.png.1.x.tmp", "a.png"));
-        assert!(!is_temp_file_of("a.png", "a.png"));
+        assert!(is_temp_file(name), "{name}");
+        assert!(name.len() < 40, "{name}");
+        assert!(
+            !temp_file_owner_alive(name),
+            "this process's own files are not 'alive'"
+        );
+        assert!(!is_temp_file(".dsr-tmp-1"));
+        assert!(!is_temp_file(".dsr-tmp-1-x"));
+        assert!(!is_temp_file(".a.png.1.2.tmp"));
+        assert!(!is_temp_file("a.png"));
+        // A pid above the kernel's largest (2^22) is never running.
+        assert!(!temp_file_owner_alive(".dsr-tmp-4194305-7"));
+    }
+
+    /// A target name of 255 bytes (the longest legal one) is written: the temporary name does
+    /// not grow with it.
+    #[test]
+    fn the_longest_legal_name_is_written() {
+        let dir = scratch("long");
+        let path = dir.join("x".repeat(255));
+        write_atomic(&path, b"abc").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"abc");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -133,11 +133,45 @@ impl Detector {
         self.path.as_deref()
     }
 
+    /// Checks that inference on batches of `batch` images fits in the memory available (an
+    /// estimate from measured peaks, see [`dsr_core::memory`]); the error says what is needed and
+    /// which batch would fit.
+    pub fn check_batch_memory(&self, batch: usize) -> Result<()> {
+        let cfg = self.model.config();
+        let needed = dsr_core::memory::inference_bytes(cfg, batch, self.size);
+        let one = dsr_core::memory::inference_bytes(cfg, 1, self.size).max(1);
+        let [h, w] = self.size;
+        let advice = match dsr_core::memory::available_bytes() {
+            Some(available) if one <= available => {
+                format!("use a batch of at most {} (--batch)", (available / one).max(1))
+            }
+            _ => format!(
+                "a single {h}×{w} image is too large for this machine; use a model of a smaller image size"
+            ),
+        };
+        dsr_core::memory::ensure_fits(
+            needed,
+            &format!("inference on batches of {batch} images of {h}×{w}"),
+            &advice,
+        )
+        .map_err(EvalError::Config)
+    }
+
     /// Runs the model on images given as `3 × H × W` channel-major buffers at the model size
     /// (see [`crate::image::load_image`]).
     pub fn predict(&self, images: &[&[f32]]) -> Result<Vec<Prediction>> {
         let [h, w] = self.size;
-        let mut flat = Vec::with_capacity(images.len() * 3 * h * w);
+        let mut flat = Vec::new();
+        images
+            .len()
+            .checked_mul(3 * h * w)
+            .and_then(|n| flat.try_reserve_exact(n).ok())
+            .ok_or_else(|| {
+                EvalError::Config(format!(
+                    "a batch of {} images of {h}×{w} does not fit in memory; use a smaller batch",
+                    images.len()
+                ))
+            })?;
         for img in images {
             if img.len() != 3 * h * w {
                 return Err(EvalError::Config(format!(
@@ -151,6 +185,29 @@ impl Detector {
         let out = self.model.infer(&batch).map_err(EvalError::Inference)?;
         let maps = out.anomaly_map.flatten_all()?.to_vec1::<f32>()?;
         let scores = out.pred_score.to_vec1::<f32>()?;
+        let model = || {
+            self.path
+                .as_ref()
+                .map_or_else(|| "being trained".to_string(), |p| p.display().to_string())
+        };
+        for (index, (&score, map)) in scores.iter().zip(maps.chunks(h * w)).enumerate() {
+            let bad = if !score.is_finite() {
+                Some(("score", score))
+            } else {
+                map.iter()
+                    .find(|v| !v.is_finite())
+                    .map(|&v| ("anomaly map value", v))
+            };
+            if let Some((what, value)) = bad {
+                return Err(EvalError::NonFinite {
+                    model: model(),
+                    image: format!("input {} of its batch", index + 1),
+                    index,
+                    what,
+                    value,
+                });
+            }
+        }
         Ok(scores
             .into_iter()
             .zip(maps.chunks(h * w))
@@ -165,7 +222,9 @@ impl Detector {
     /// the model size and scores it.
     pub fn predict_file(&self, path: &Path) -> Result<Prediction> {
         let image = load_image(path, self.size, DEFAULT_MAX_PIXELS)?;
-        let mut out = self.predict(&[&image.chw])?;
+        let mut out = self
+            .predict(&[&image.chw])
+            .map_err(|e| e.naming_inputs(&[path]))?;
         out.pop()
             .ok_or_else(|| EvalError::Config("the model returned no prediction".into()))
     }

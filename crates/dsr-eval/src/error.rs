@@ -77,6 +77,45 @@ pub enum EvalError {
     /// An invalid setting.
     #[error("{0}")]
     Config(String),
+    /// The model gave a NaN or infinite score or map value: its weights overflow on this input,
+    /// so no answer is given (a NaN score would otherwise be labelled as if it meant something).
+    #[error("the model {model} gives a non-finite {what} ({value}) for {image}: its weights overflow on this input, so there is no meaningful answer; use another checkpoint (or retrain it with a lower learning rate)")]
+    NonFinite {
+        /// The checkpoint file (or a description of the model in memory).
+        model: String,
+        /// The image (the input's position in its batch until [`EvalError::naming_inputs`]
+        /// names its file).
+        image: String,
+        /// The input's position in its batch.
+        index: usize,
+        /// `score` or `anomaly map value`.
+        what: &'static str,
+        /// The first non-finite value.
+        value: f32,
+    },
+}
+
+impl EvalError {
+    /// A [`EvalError::NonFinite`] of a batch whose inputs are the files `inputs` names the file;
+    /// every other error is returned as is.
+    pub fn naming_inputs(self, inputs: &[&std::path::Path]) -> Self {
+        match self {
+            EvalError::NonFinite {
+                model,
+                index,
+                what,
+                value,
+                image,
+            } => EvalError::NonFinite {
+                image: inputs.get(index).map_or(image, |p| p.display().to_string()),
+                model,
+                index,
+                what,
+                value,
+            },
+            other => other,
+        }
+    }
 }
 
 /// Results of this crate.

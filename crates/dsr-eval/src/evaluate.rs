@@ -162,17 +162,44 @@ pub fn evaluate(
     }
     let size = detector.size();
     let pixels = size[0] * size[1];
+    // What the machine must hold: the batch's inference, and the maps and masks of every sample
+    // (kept for the metrics: 4 + 1 bytes a pixel).
+    detector.check_batch_memory(options.batch.min(samples.len()).max(1))?;
+    let kept = (samples.len() as u64).saturating_mul(pixels as u64 * 5);
+    dsr_core::memory::ensure_fits(
+        kept,
+        &format!(
+            "keeping the maps of {} images of {}×{} for the metrics",
+            samples.len(),
+            size[0],
+            size[1]
+        ),
+        "evaluate fewer images, or a model of a smaller image size",
+    )
+    .map_err(EvalError::Config)?;
     let start = Instant::now();
     let mut ev = Evaluation {
-        samples: Vec::with_capacity(samples.len()),
+        samples: Vec::new(),
         size,
-        scores: Vec::with_capacity(samples.len()),
-        labels: Vec::with_capacity(samples.len()),
-        maps: Vec::with_capacity(samples.len() * pixels),
-        masks: Vec::with_capacity(samples.len() * pixels),
+        scores: Vec::new(),
+        labels: Vec::new(),
+        maps: Vec::new(),
+        masks: Vec::new(),
         skipped: Vec::new(),
         seconds: 0.0,
     };
+    let reserve = |e: std::collections::TryReserveError| {
+        EvalError::Config(format!(
+            "cannot reserve memory for the maps of {} images: {e}",
+            samples.len()
+        ))
+    };
+    ev.maps
+        .try_reserve_exact(samples.len().saturating_mul(pixels))
+        .map_err(reserve)?;
+    ev.masks
+        .try_reserve_exact(samples.len().saturating_mul(pixels))
+        .map_err(reserve)?;
     let total = samples.len();
     let mut samples = samples.into_iter().peekable();
     while samples.peek().is_some() {
@@ -203,7 +230,15 @@ pub fn evaluate(
             continue;
         }
         let inputs: Vec<&[f32]> = images.iter().map(Vec::as_slice).collect();
-        for p in detector.predict(&inputs)? {
+        let first = ev.samples.len() - images.len();
+        let paths: Vec<&std::path::Path> = ev.samples[first..]
+            .iter()
+            .map(|s| s.path.as_path())
+            .collect();
+        let predictions = detector
+            .predict(&inputs)
+            .map_err(|e| e.naming_inputs(&paths))?;
+        for p in predictions {
             ev.scores.push(p.score);
             ev.maps.extend(p.map);
         }

@@ -6,11 +6,10 @@
 //! Every file is checked before it is decoded: an empty file, an unknown format or an image of
 //! more pixels than the limit (read from its header) is one [`ImageError`] that names the file.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use image::imageops::FilterType;
-use image::{DynamicImage, ImageReader, RgbImage};
+use image::{DynamicImage, ImageFormat, ImageReader, RgbImage};
 use serde::{Deserialize, Serialize};
 
 /// The file extensions (lower case) that are read as images.
@@ -144,40 +143,37 @@ fn one_line(message: &str) -> String {
         .join("; ")
 }
 
-/// Opens an image, checks its size from the header against `max_pixels`, then decodes it.
+/// Opens an image, checks its size from the header against `max_pixels` and against the memory
+/// available, then decodes it. Only regular files are read (a FIFO or device is refused without
+/// waiting on it); a JPEG that ends before its end-of-image marker (truncated) is refused, since
+/// the decoder would fill the missing part in; the decoder's allocations are limited to the memory
+/// available, so an image the machine cannot hold is an error, not an abort.
 pub fn decode_checked(path: &Path, max_pixels: u64) -> Result<DynamicImage, ImageError> {
-    let meta = fs::metadata(path).map_err(|e| ImageError::io(path, e))?;
+    let mut file = dsr_core::files::open_regular(path).map_err(|e| ImageError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| ImageError::io(path, e))?;
     if meta.len() == 0 {
         return Err(ImageError::EmptyFile {
             path: path.to_path_buf(),
         });
     }
-    let open = || -> Result<ImageReader<std::io::BufReader<fs::File>>, ImageError> {
-        let reader = ImageReader::open(path)
-            .map_err(|e| ImageError::io(path, e))?
-            .with_guessed_format()
-            .map_err(|e| ImageError::io(path, e))?;
-        if reader.format().is_none() {
-            return Err(ImageError::NotAnImage {
-                path: path.to_path_buf(),
-                reason: "unknown format".to_string(),
-            });
-        }
-        Ok(reader)
+    let not_an_image = |reason: String| ImageError::NotAnImage {
+        path: path.to_path_buf(),
+        reason,
     };
-    let (width, height) = open()?
+    let reader = ImageReader::new(std::io::BufReader::new(&mut file))
+        .with_guessed_format()
+        .map_err(|e| ImageError::io(path, e))?;
+    let Some(format) = reader.format() else {
+        return Err(not_an_image("unknown format".to_string()));
+    };
+    let (width, height) = reader
         .into_dimensions()
-        .map_err(|e| ImageError::NotAnImage {
-            path: path.to_path_buf(),
-            reason: one_line(&e.to_string()),
-        })?;
+        .map_err(|e| not_an_image(one_line(&e.to_string())))?;
     if width == 0 || height == 0 {
-        return Err(ImageError::NotAnImage {
-            path: path.to_path_buf(),
-            reason: format!("zero-sized image {width}x{height}"),
-        });
+        return Err(not_an_image(format!("zero-sized image {width}x{height}")));
     }
-    if width as u64 * height as u64 > max_pixels {
+    let pixels = width as u64 * height as u64;
+    if pixels > max_pixels {
         return Err(ImageError::TooLarge {
             path: path.to_path_buf(),
             width,
@@ -185,14 +181,106 @@ pub fn decode_checked(path: &Path, max_pixels: u64) -> Result<DynamicImage, Imag
             limit: max_pixels,
         });
     }
-    let mut reader = open()?;
-    // The size was checked against our own limit above, so the decoder's default allocation limit
-    // (which would refuse large 16-bit images) is lifted.
-    reader.no_limits();
+    // Decoding holds the file (at most 8 bytes a pixel: 16-bit RGBA), then the conversion to
+    // 32-bit float RGB (12 bytes a pixel) for resizing.
+    let needed = pixels.saturating_mul(8 + 12).saturating_add(meta.len());
+    dsr_core::memory::ensure_fits(
+        needed,
+        &format!("decoding {width}x{height} pixels"),
+        "lower --max-pixels to refuse such images, or free memory",
+    )
+    .map_err(|reason| ImageError::Decode {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    let bytes = dsr_core::files::read_regular(path).map_err(|e| ImageError::io(path, e))?;
+    if format == ImageFormat::Jpeg && jpeg_truncated(&bytes) {
+        return Err(ImageError::Decode {
+            path: path.to_path_buf(),
+            reason: "the JPEG data end before its end-of-image marker (the file is cut short)"
+                .to_string(),
+        });
+    }
+    let mut reader = ImageReader::with_format(std::io::Cursor::new(&bytes), format);
+    // The size was checked against our own limit above; the decoder may allocate what the
+    // machine has (its default limit would refuse large 16-bit images).
+    let mut limits = image::Limits::no_limits();
+    limits.max_alloc = dsr_core::memory::available_bytes();
+    reader.limits(limits);
     reader.decode().map_err(|e| ImageError::Decode {
         path: path.to_path_buf(),
         reason: one_line(&e.to_string()),
     })
+}
+
+/// Whether a JPEG file ends before its end-of-image marker: the marker segments are walked from
+/// the start of the file and each scan's entropy-coded data are skipped up to the next marker.
+/// A file whose structure cannot be followed is left to the decoder (`false`).
+///
+/// Written here because the decoder behind the `image` crate pads a truncated scan with zeros and
+/// returns the image without a word, and no maintained crate reports this.
+pub fn jpeg_truncated(b: &[u8]) -> bool {
+    if !b.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let len = b.len();
+    let mut i = 2;
+    loop {
+        // The next marker: 0xFF (any number of fill bytes), then its code.
+        if i >= len {
+            return true;
+        }
+        if b[i] != 0xFF {
+            return false;
+        }
+        while i < len && b[i] == 0xFF {
+            i += 1;
+        }
+        if i >= len {
+            return true;
+        }
+        let marker = b[i];
+        i += 1;
+        match marker {
+            0xD9 => return false,
+            0x01 | 0xD0..=0xD7 => continue,
+            _ => {
+                if i + 2 > len {
+                    return true;
+                }
+                let seg = u16::from_be_bytes([b[i], b[i + 1]]) as usize;
+                if seg < 2 {
+                    return false;
+                }
+                i += seg;
+                if i > len {
+                    return true;
+                }
+                if marker == 0xDA {
+                    // Entropy-coded data: 0xFF is followed by 0x00 (a stuffed byte), a restart
+                    // marker, or the next marker.
+                    loop {
+                        if i + 1 >= len {
+                            return true;
+                        }
+                        if b[i] == 0xFF {
+                            let next = b[i + 1];
+                            if next == 0x00 || (0xD0..=0xD7).contains(&next) {
+                                i += 2;
+                                continue;
+                            }
+                            if next == 0xFF {
+                                i += 1;
+                                continue;
+                            }
+                            break;
+                        }
+                        i += 1;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Converts a decoded image to RGB `f32` in `[0, 1]`, CHW, resized to `height`×`width`.

@@ -258,10 +258,19 @@ pub fn parse_duration(text: &str) -> Result<f64> {
     if trimmed.is_empty() {
         return Err(bad("it is empty"));
     }
+    // A year at most: a budget beyond it is a typing error, and would plan steps past any count.
+    const MAX_SECONDS: f64 = 366.0 * 24.0 * 3600.0;
+    let bounded = |seconds: f64| {
+        if !(seconds.is_finite() && seconds > 0.0) {
+            Err(bad("it must be positive"))
+        } else if seconds > MAX_SECONDS {
+            Err(bad("it must be at most a year, 8784h"))
+        } else {
+            Ok(seconds)
+        }
+    };
     if let Ok(minutes) = trimmed.parse::<f64>() {
-        return (minutes.is_finite() && minutes > 0.0)
-            .then_some(minutes * 60.0)
-            .ok_or_else(|| bad("it must be positive"));
+        return bounded(minutes * 60.0);
     }
     let mut total = 0.0;
     let mut number = String::new();
@@ -286,10 +295,7 @@ pub fn parse_duration(text: &str) -> Result<f64> {
     if !number.is_empty() {
         return Err(bad("the last number has no unit"));
     }
-    if !(total.is_finite() && total > 0.0) {
-        return Err(bad("it must be positive"));
-    }
-    Ok(total)
+    bounded(total)
 }
 
 /// Steps of each phase taken to measure its step time; the first one (warm-up) is not counted.
@@ -524,7 +530,19 @@ mod tests {
         assert_eq!(parse_duration("1h30m").unwrap(), 5400.0);
         assert_eq!(parse_duration("1.5h").unwrap(), 5400.0);
         assert_eq!(parse_duration("15").unwrap(), 900.0);
-        for bad in ["", "m", "20x", "20m5", "-3m", "0m", "abc"] {
+        assert_eq!(parse_duration("8784h").unwrap(), 8784.0 * 3600.0);
+        for bad in [
+            "",
+            "m",
+            "20x",
+            "20m5",
+            "-3m",
+            "0m",
+            "abc",
+            "99999999999999999999h",
+            "8785h",
+            "1e300",
+        ] {
             let err = parse_duration(bad).unwrap_err().to_string();
             assert!(err.contains("not a duration"), "{bad}: {err}");
         }

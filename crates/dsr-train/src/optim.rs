@@ -32,6 +32,44 @@ impl Default for AdamConfig {
     }
 }
 
+impl AdamConfig {
+    /// Checks every value against its domain: `lr` > 0, `beta1` and `beta2` in [0, 1), `eps` > 0,
+    /// all finite. `section` names the configuration section in the message (e.g. `train.adam`).
+    pub fn validate(&self, section: &str) -> std::result::Result<(), String> {
+        let finite = |name: &str, v: f64| {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err(format!("{section}.{name} is {v}, not a finite number"))
+            }
+        };
+        finite("lr", self.lr)?;
+        finite("beta1", self.beta1)?;
+        finite("beta2", self.beta2)?;
+        finite("eps", self.eps)?;
+        if self.lr <= 0.0 {
+            return Err(format!(
+                "{section}.lr must be greater than 0 (the reference uses 2e-4), got {}",
+                self.lr
+            ));
+        }
+        for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(format!(
+                    "{section}.{name} must lie in [0, 1) (the reference uses 0.9 and 0.999), got {v}"
+                ));
+            }
+        }
+        if self.eps <= 0.0 {
+            return Err(format!(
+                "{section}.eps must be greater than 0 (the reference uses 1e-8), got {}",
+                self.eps
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One parameter with its moments.
 #[derive(Debug)]
 struct Slot {

@@ -66,6 +66,60 @@ impl Default for PretrainConfig {
     }
 }
 
+impl PretrainConfig {
+    /// Checks every setting against its domain: the model, the crop size, the batch size (1 to
+    /// [`crate::train::MAX_BATCH_SIZE`]), the number of steps, Adam's hyper-parameters, the EMA
+    /// decay (in [0, 1)) and the commitment cost (finite, at least 0).
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        dsr_core::config::validate_image_size(self.crop, self.crop)?;
+        let max = crate::train::MAX_BATCH_SIZE;
+        if self.batch_size == 0 || self.batch_size > max {
+            return Err(TrainError::Config(format!(
+                "pretrain.batch_size must lie between 1 and {max}, got {}",
+                self.batch_size
+            )));
+        }
+        if self.steps > crate::train::MAX_STEPS {
+            return Err(TrainError::Config(format!(
+                "pretrain.steps {} is more than the {} accepted",
+                self.steps,
+                crate::train::MAX_STEPS
+            )));
+        }
+        self.adam
+            .validate("pretrain.adam")
+            .map_err(TrainError::Config)?;
+        if !(self.ema_decay.is_finite() && (0.0..1.0).contains(&self.ema_decay)) {
+            return Err(TrainError::Config(format!(
+                "pretrain.ema_decay must lie in [0, 1) (the reference uses 0.99), got {}",
+                self.ema_decay
+            )));
+        }
+        if !(self.commitment_cost.is_finite() && self.commitment_cost >= 0.0) {
+            return Err(TrainError::Config(format!(
+                "pretrain.commitment_cost must be a finite number of at least 0 (the reference uses 0.25), got {}",
+                self.commitment_cost
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that a phase-1 step fits in the memory available (an estimate from measured
+    /// peaks).
+    pub fn check_memory(&self) -> Result<()> {
+        dsr_core::memory::ensure_fits(
+            dsr_core::memory::training_bytes(&self.model, self.batch_size, [self.crop, self.crop]),
+            &format!(
+                "a phase-1 step on batches of {} crops of {1}×{1}",
+                self.batch_size, self.crop
+            ),
+            "lower the phase-1 batch size or crop",
+        )
+        .map_err(TrainError::Config)
+    }
+}
+
 /// Losses and codebook usage after one phase-1 step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PretrainReport {
@@ -129,8 +183,8 @@ impl Pretrainer {
         device: &Device,
         exec: Execution,
     ) -> Result<Self> {
-        cfg.model.validate()?;
-        dsr_core::config::validate_image_size(cfg.crop, cfg.crop)?;
+        cfg.validate()?;
+        cfg.check_memory()?;
         if images.n == 0 || images.c != 3 || images.h < cfg.crop || images.w < cfg.crop {
             return Err(TrainError::Config(format!(
                 "phase 1 needs at least one 3-channel image of at least {0}×{0} pixels, got {1} images of {2}×{3}×{4}",

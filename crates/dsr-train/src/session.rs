@@ -70,6 +70,81 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const VALIDATION_FILE: &str = "validation.json";
 /// The phase-1 result inside the weights folder.
 pub const VQ_FILE: &str = "vq.safetensors";
+/// The lock file of a run folder: one `dsr train` at a time works in a run folder.
+pub const LOCK_FILE: &str = ".dsr-lock";
+
+/// Checks everything about a run that can be checked before training: the configuration, the
+/// data listing and its splits (the validation set, and with `test` the test set, must hold
+/// both good and defective images, every defective one with its mask), the discrete-model file,
+/// and the memory a training step needs. Returns the splits.
+pub fn preflight(cfg: &RunConfig, test: bool) -> Result<crate::data::Splits> {
+    cfg.validate()?;
+    cfg.train.check_memory()?;
+    if let Some(w) = &cfg.vq.weights {
+        dsr_core::files::check_regular(w).map_err(|e| TrainError::Checkpoint {
+            path: w.display().to_string(),
+            message: format!("cannot read the discrete-model weights: {e}"),
+        })?;
+    }
+    let listing = cfg.data.listing(cfg.train.seed)?;
+    let splits = split_validation(
+        &listing,
+        parse_val_split(&cfg.data.val_split, cfg.train.seed)?,
+    )
+    .map_err(|e| config_error(e.to_string()))?;
+    let [h, w] = cfg.train.image_size;
+    // The training images are held in memory as f32 RGB (phase 1 at its crop's size or larger).
+    let side = |s: usize| {
+        s.max(if cfg.vq.pretrain {
+            cfg.pretrain.crop
+        } else {
+            0
+        }) as u64
+    };
+    dsr_core::memory::ensure_fits(
+        (splits.train.len() as u64)
+            .saturating_mul(12)
+            .saturating_mul(side(h))
+            .saturating_mul(side(w)),
+        &format!(
+            "holding the {} training images at {h}×{w}",
+            splits.train.len()
+        ),
+        "lower the image size (--image-size)",
+    )
+    .map_err(config_error)?;
+    // The validation's inference (after training) must fit too.
+    let eval_batch = cfg.data.eval_batch.min(splits.val.len()).max(1);
+    dsr_core::memory::ensure_fits(
+        dsr_core::memory::inference_bytes(&cfg.train.model, eval_batch, cfg.train.image_size),
+        &format!("the validation's inference on batches of {eval_batch} images of {h}×{w}"),
+        "lower data.eval_batch or the image size",
+    )
+    .map_err(config_error)?;
+    let root = cfg.data.display_root();
+    let mut sets = vec![("validation", &splits.val)];
+    if test {
+        sets.push(("test", &splits.test));
+    }
+    for (name, set) in sets {
+        let defective = set.iter().filter(|e| e.label).count();
+        if defective == 0 || defective == set.len() {
+            return Err(config_error(format!(
+                "the {name} set of {} holds {} good and {defective} defective images: thresholds and metrics need both (add defective images with masks{}, or change data.val_split)",
+                root.display(),
+                set.len() - defective,
+                if name == "test" { "; or train with --no-test" } else { "" }
+            )));
+        }
+        if let Some(e) = set.iter().find(|e| e.label && e.mask_path.is_none()) {
+            return Err(config_error(format!(
+                "the defective image {} of the {name} set has no mask: the pixel thresholds and metrics need one for every defective image (give the mask folder, --mask-dir, or ground_truth/<defect>/<stem>_mask.png)",
+                e.path.display()
+            )));
+        }
+    }
+    Ok(splits)
+}
 
 /// Where the data come from and how they are split.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -280,19 +355,23 @@ impl RunConfig {
     /// Parses a TOML run configuration; missing keys take their defaults, unknown keys are an
     /// error.
     pub fn from_toml_str(text: &str) -> Result<Self> {
-        let cfg: RunConfig = toml::from_str(text).map_err(|e| config_error(e.to_string()))?;
+        let cfg: RunConfig =
+            toml::from_str(text).map_err(|e| config_error(toml_error_line(&e, Some(text))))?;
         Ok(cfg.synced())
     }
 
     /// Reads a TOML run configuration file.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::Checkpoint {
-            path: path.display().to_string(),
-            message: format!("cannot read the run configuration: {e}"),
-        })?;
+        let text =
+            dsr_core::files::read_regular_to_string(path).map_err(|e| TrainError::Checkpoint {
+                path: path.display().to_string(),
+                message: format!("cannot read the run configuration: {e}"),
+            })?;
         Self::from_toml_str(&text).map_err(|e| TrainError::Checkpoint {
             path: path.display().to_string(),
-            message: e.to_string(),
+            message: format!(
+                "{e}; fix the file (or run `dsr train --print-config` for a valid one)"
+            ),
         })
     }
 
@@ -333,9 +412,12 @@ impl RunConfig {
                     .or_insert_with(|| toml::Value::Table(Default::default()));
             }
         }
-        let cfg: RunConfig = root
-            .try_into()
-            .map_err(|e: toml::de::Error| config_error(format!("after the overrides: {e}")))?;
+        let cfg: RunConfig = root.try_into().map_err(|e: toml::de::Error| {
+            config_error(format!(
+                "after the overrides: {}",
+                toml_error_line(&e, None)
+            ))
+        })?;
         Ok(cfg.synced())
     }
 
@@ -353,8 +435,40 @@ impl RunConfig {
                  train.model; leave pretrain.model out)",
             ));
         }
-        self.train.model.validate()?;
-        dsr_core::config::validate_image_size(self.train.image_size[0], self.train.image_size[1])?;
+        self.train.validate()?;
+        if let Some(c) = &self.data.category {
+            check_category(c)?;
+        }
+        // Every section is checked against its domain, used or not (a value out of its domain
+        // must not wait in the file until a later run uses it).
+        self.pretrain.validate()?;
+        if self.vq.pretrain && self.vq.weights.is_none() {
+            self.pretrain.check_memory()?;
+            let [h, w] = self.train.image_size;
+            if self.pretrain.crop > h.min(w) {
+                return Err(config_error(format!(
+                    "pretrain.crop {} is larger than the training images ({h}×{w}), from which the phase-1 crops are cut; use a crop of at most {}",
+                    self.pretrain.crop,
+                    h.min(w)
+                )));
+            }
+        }
+        let ratio = self.data.normal_split_ratio;
+        if !(ratio.is_finite() && (0.0..1.0).contains(&ratio)) {
+            return Err(config_error(format!(
+                "data.normal_split_ratio must lie in [0, 1) (anomalib uses 0.2), got {ratio}"
+            )));
+        }
+        if self.data.max_pixels == 0 {
+            return Err(config_error("data.max_pixels must be at least 1"));
+        }
+        if self.data.eval_batch > crate::train::MAX_BATCH_SIZE {
+            return Err(config_error(format!(
+                "data.eval_batch must lie between 1 and {}, got {}",
+                crate::train::MAX_BATCH_SIZE,
+                self.data.eval_batch
+            )));
+        }
         if self.data.root.as_os_str().is_empty() && self.data.normal_dir.is_none() {
             return Err(config_error(
                 "no data folder: set data.root (--data), or data.normal_dir (--normal-dir) for the folder layout",
@@ -383,6 +497,44 @@ impl RunConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// Checks that a category is the name of one sub-folder of the data set: not empty, not `.` or
+/// `..`, no path separator, not absolute (a category such as `../x` would put the run folder
+/// outside the results folder).
+pub fn check_category(c: &str) -> Result<()> {
+    let mut parts = Path::new(c).components();
+    let plain = matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(n)), None) if n == std::ffi::OsStr::new(c)
+    );
+    if !plain || c.contains(['/', '\\']) {
+        return Err(config_error(format!(
+            "data.category '{c}' is not the name of a sub-folder of the data set (no '/', '..' or absolute path); give the folder's name, e.g. bottle"
+        )));
+    }
+    Ok(())
+}
+
+/// A TOML error on one line: its message, where it is (line and column), the offending text.
+pub fn toml_error_line(e: &toml::de::Error, text: Option<&str>) -> String {
+    match (e.span(), text) {
+        (Some(span), Some(text)) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            let message = e.message().trim().replace('\n', " ");
+            format!("line {line}, column {column}: {message}")
+        }
+        // Without the text the error's own report (which names the key) is put on one line.
+        _ => e
+            .to_string()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" "),
     }
 }
 
@@ -585,41 +737,78 @@ pub struct RunOutcome {
     pub test: Vec<Entry>,
 }
 
-/// One training run in its run folder.
+/// One training run in its run folder (locked while the session exists).
 #[derive(Debug, Clone)]
 pub struct Session {
     cfg: RunConfig,
     dir: RunDir,
     exec: Execution,
+    _lock: std::sync::Arc<dsr_core::files::FolderLock>,
+}
+
+fn lock_run(dir: &RunDir) -> Result<std::sync::Arc<dsr_core::files::FolderLock>> {
+    dsr_core::files::FolderLock::acquire(&dir.path, LOCK_FILE, "dsr train")
+        .map(std::sync::Arc::new)
+        .map_err(|e| TrainError::Checkpoint {
+            path: dir.path.display().to_string(),
+            message: match e.kind() {
+                std::io::ErrorKind::WouldBlock => e.to_string().replacen(
+                    &format!("{} is", dir.path.display()),
+                    "the run folder is",
+                    1,
+                ),
+                _ => format!("cannot lock the run folder: {e}"),
+            },
+        })
 }
 
 impl Session {
     /// Starts a new run: validates `cfg`, creates the next `vN` folder and writes `config.toml`.
+    /// Everything [`preflight`] checks (without the test split) is checked before the folder is
+    /// made, so a run that cannot train leaves nothing behind.
     pub fn create(cfg: RunConfig) -> Result<Self> {
-        cfg.validate()?;
+        preflight(&cfg, false)?;
         let (dataset, category) = match &cfg.data.normal_dir {
             Some(_) => dataset_and_category(&cfg.data.display_root(), None),
             None => dataset_and_category(&cfg.data.root, cfg.data.category.as_deref()),
         };
         let dir = RunDir::create_next(&cfg.output.results, &dataset, &category)?;
+        let lock = lock_run(&dir)?;
         write_atomic(&dir.config_path(), cfg.to_toml()?.as_bytes())?;
         Ok(Self {
             cfg,
             dir,
             exec: Execution::default(),
+            _lock: lock,
         })
     }
 
+    /// The configuration of the run in `path` (its `config.toml`), read without taking the run
+    /// (e.g. to print it while the run goes on).
+    pub fn read_config(path: &Path) -> Result<RunConfig> {
+        let dir = RunDir::open(path)?;
+        RunConfig::from_toml_file(&dir.config_path())
+    }
+
     /// Reopens the run in `path` (its `config.toml`) to continue it.
+    /// Another process working in the same folder is refused (the folder is locked).
     pub fn resume(path: &Path) -> Result<Self> {
         let dir = RunDir::open(path)?;
+        let lock = lock_run(&dir)?;
         let cfg = RunConfig::from_toml_file(&dir.config_path())?;
         cfg.validate()?;
         Ok(Self {
             cfg,
             dir,
             exec: Execution::default(),
+            _lock: lock,
         })
+    }
+
+    /// Whether the run can continue from where it stopped with [`Session::resume`]: a
+    /// checkpoint of phase 2/3 or the phase-1 result is in its folder.
+    pub fn can_resume(&self) -> bool {
+        self.dir.last_checkpoint().is_file() || self.dir.vq_path().is_file()
     }
 
     /// The session with its models computing under `exec` (convolution algorithm, recomputation
@@ -652,12 +841,7 @@ impl Session {
     ) -> Result<RunOutcome> {
         let cfg = &self.cfg;
         let size = cfg.train.image_size;
-        let listing = cfg.data.listing(cfg.train.seed)?;
-        let splits = split_validation(
-            &listing,
-            parse_val_split(&cfg.data.val_split, cfg.train.seed)?,
-        )
-        .map_err(|e| config_error(e.to_string()))?;
+        let splits = preflight(cfg, false)?;
         on_event(&SessionEvent::Data {
             train: splits.train.len(),
             val: splits.val.len(),
@@ -736,8 +920,35 @@ impl Session {
             let metrics = validation.metrics(&postprocess)?;
             Ok((validation, postprocess, metrics))
         };
-        let refined = eval_map(OutputMap::Refined)?;
-        let detection = eval_map(OutputMap::Detection)?;
+        let evaluated = eval_map(OutputMap::Refined)
+            .and_then(|refined| Ok((refined, eval_map(OutputMap::Detection)?)));
+        let (refined, detection) = match evaluated {
+            Ok(both) => both,
+            Err(e) => {
+                // The trained model is not thrown away: it is written without thresholds (the
+                // map of the modules trained), then the problem is reported.
+                let map = if plan.phase3_steps > 0 {
+                    OutputMap::Refined
+                } else {
+                    OutputMap::Detection
+                };
+                let mut extra = BTreeMap::new();
+                extra.insert(META_OUTPUT_MAP.to_string(), map.to_string());
+                extra.insert("dsr.train_steps".into(), trainer.step().to_string());
+                let path = self.dir.model_path();
+                save_checkpoint(
+                    &path,
+                    &trainer.model_tensors(),
+                    &cfg.train.model,
+                    Some(size),
+                    &extra,
+                )?;
+                return Err(TrainError::Unvalidated {
+                    model: path.display().to_string(),
+                    message: e.to_string(),
+                });
+            }
+        };
         let output_map = choose_map(
             cfg.output.map,
             &refined.2,

@@ -87,6 +87,15 @@ pub enum TrainError {
         /// The first parameter found non-finite.
         name: String,
     },
+    /// Training finished and the model was written, but the validation that places its
+    /// thresholds could not run.
+    #[error("training finished and the model was written to {model} without thresholds, but the validation could not run: {message}; `dsr test --model {model}` evaluates it once the data are fixed")]
+    Unvalidated {
+        /// The model file written.
+        model: String,
+        /// Why the validation failed.
+        message: String,
+    },
     /// A checkpoint does not fit this run.
     #[error("{path}: {message}")]
     Checkpoint {
@@ -195,6 +204,94 @@ impl Default for TrainConfig {
             init: InitScheme::default(),
             seed: 0,
         }
+    }
+}
+
+/// Checks that `v` is a finite fraction in `[0, 1]`; `name` names the setting in the message.
+pub fn check_fraction(name: &str, v: f64) -> std::result::Result<(), String> {
+    if v.is_finite() && (0.0..=1.0).contains(&v) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name} must be a fraction between 0 and 1, got {v}"
+        ))
+    }
+}
+
+impl Schedule {
+    /// Checks the fractions of the schedule (in `[0, 1]`) and its lengths (at most
+    /// [`MAX_STEPS`]).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        match *self {
+            Schedule::Original {
+                phase2_steps,
+                phase3_steps,
+                lr_drop_fraction,
+            } => {
+                check_fraction("train.schedule.lr_drop_fraction", lr_drop_fraction)?;
+                if phase2_steps
+                    .checked_add(phase3_steps)
+                    .is_none_or(|total| total > MAX_STEPS)
+                {
+                    return Err(format!(
+                        "{phase2_steps} + {phase3_steps} steps is more than the {MAX_STEPS} accepted"
+                    ));
+                }
+                Ok(())
+            }
+            Schedule::Anomalib {
+                epochs,
+                upsampling_train_ratio,
+                ..
+            } => {
+                check_fraction(
+                    "train.schedule.upsampling_train_ratio",
+                    upsampling_train_ratio,
+                )?;
+                if epochs > MAX_STEPS {
+                    return Err(format!(
+                        "{epochs} epochs is more than the {MAX_STEPS} accepted"
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks every setting against its domain before anything is allocated: the model, the
+    /// image size, the batch size (1 to [`MAX_BATCH_SIZE`]), Adam's hyper-parameters and the
+    /// schedule.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        dsr_core::config::validate_image_size(self.image_size[0], self.image_size[1])?;
+        if self.batch_size == 0 || self.batch_size > MAX_BATCH_SIZE {
+            return Err(TrainError::Config(format!(
+                "batch_size must lie between 1 and {MAX_BATCH_SIZE}, got {}",
+                self.batch_size
+            )));
+        }
+        self.adam
+            .validate("train.adam")
+            .map_err(TrainError::Config)?;
+        self.schedule.validate().map_err(TrainError::Config)?;
+        Ok(())
+    }
+
+    /// Checks that a training step of this configuration fits in the memory available (an
+    /// estimate from measured peaks); the error says what is needed and what to lower.
+    pub fn check_memory(&self) -> Result<()> {
+        let [h, w] = self.image_size;
+        dsr_core::memory::ensure_fits(
+            dsr_core::memory::training_bytes(&self.model, self.batch_size, self.image_size),
+            &format!(
+                "a training step on batches of {} images of {h}×{w}",
+                self.batch_size
+            ),
+            "lower the batch size (--batch) or the image size (--image-size)",
+        )
+        .map_err(TrainError::Config)
     }
 }
 
@@ -381,14 +478,7 @@ impl Trainer {
     }
 
     fn build(cfg: TrainConfig, images: ImageBatch, device: &Device) -> Result<Self> {
-        cfg.model.validate()?;
-        dsr_core::config::validate_image_size(cfg.image_size[0], cfg.image_size[1])?;
-        if cfg.batch_size == 0 || cfg.batch_size > MAX_BATCH_SIZE {
-            return Err(TrainError::Config(format!(
-                "batch_size must lie between 1 and {MAX_BATCH_SIZE}, got {}",
-                cfg.batch_size
-            )));
-        }
+        cfg.validate()?;
         if images.c != 3 || [images.h, images.w] != cfg.image_size {
             return Err(TrainError::Config(format!(
                 "training images are {}×{}×{}, the configuration needs 3×{}×{}",

@@ -26,6 +26,7 @@ use dsr_eval::image::{decode_checked, image_to_chw, mask_to_binary};
 use dsr_eval::postprocess::PostProcessor;
 use dsr_losses::FocalKind;
 use dsr_train::optim::AdamConfig;
+use dsr_train::session::RunConfig;
 use dsr_train::train::{Schedule, TrainConfig, Trainer, META_TRAIN_STATE};
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, Rgb, Rgba};
 use mutate::{apply, cases, fuzz, fuzz_cases, mutations};
@@ -299,4 +300,181 @@ fn train_state_metadata() {
         Ok(ok)
     });
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The dotted key of every leaf value of a TOML table.
+fn toml_leaves(v: &toml::Value, at: &mut Vec<String>, out: &mut Vec<String>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, x) in t {
+                at.push(k.clone());
+                toml_leaves(x, at, out);
+                at.pop();
+            }
+        }
+        _ => out.push(at.join(".")),
+    }
+}
+
+/// Checks a run configuration that parsed and validated: every value in its domain, and the
+/// TOML it writes reads back to the same configuration.
+fn check_valid_config(cfg: &RunConfig) -> Result<(), TestCaseError> {
+    let t = &cfg.train;
+    prop_assert!((1..=dsr_train::train::MAX_BATCH_SIZE).contains(&t.batch_size));
+    prop_assert!(t.adam.lr.is_finite() && t.adam.lr > 0.0);
+    prop_assert!((0.0..1.0).contains(&t.adam.beta1) && (0.0..1.0).contains(&t.adam.beta2));
+    prop_assert!(t.adam.eps.is_finite() && t.adam.eps > 0.0);
+    match t.schedule {
+        Schedule::Original {
+            lr_drop_fraction, ..
+        } => prop_assert!((0.0..=1.0).contains(&lr_drop_fraction)),
+        Schedule::Anomalib {
+            upsampling_train_ratio,
+            ..
+        } => prop_assert!((0.0..=1.0).contains(&upsampling_train_ratio)),
+    }
+    prop_assert!(dsr_core::config::validate_image_size(t.image_size[0], t.image_size[1]).is_ok());
+    prop_assert!((0.0..1.0).contains(&cfg.data.normal_split_ratio));
+    prop_assert!(cfg.data.max_pixels >= 1 && cfg.data.eval_batch >= 1);
+    prop_assert!(cfg.output.checkpoint_every >= 1);
+    if let Some(c) = &cfg.data.category {
+        prop_assert!(
+            !c.contains('/') && c != ".." && c != "." && !c.is_empty(),
+            "{c}"
+        );
+    }
+    // The pretrain section is checked whether phase 1 runs or not.
+    let p = &cfg.pretrain;
+    prop_assert!((1..=dsr_train::train::MAX_BATCH_SIZE).contains(&p.batch_size));
+    prop_assert!((0.0..1.0).contains(&p.ema_decay));
+    prop_assert!(p.adam.lr.is_finite() && p.adam.lr > 0.0);
+    prop_assert!((0.0..1.0).contains(&p.adam.beta1) && (0.0..1.0).contains(&p.adam.beta2));
+    prop_assert!(p.commitment_cost.is_finite() && p.commitment_cost >= 0.0);
+    if cfg.vq.pretrain && cfg.vq.weights.is_none() {
+        prop_assert!(p.crop <= t.image_size[0].min(t.image_size[1]));
+    }
+    let text = cfg
+        .to_toml()
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let back = RunConfig::from_toml_str(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert_eq!(&back, cfg);
+    Ok(())
+}
+
+/// A configuration (TOML text, then `--set` overrides) through parsing, the overrides and the
+/// validation that runs before anything is trained: an error of one line, or a configuration
+/// whose every value lies in its domain.
+fn check_config(text: &str, sets: &[String]) -> Result<bool, TestCaseError> {
+    let result = RunConfig::from_toml_str(text)
+        .and_then(|cfg| cfg.with_overrides(sets))
+        .and_then(|cfg| cfg.validate().map(|()| cfg));
+    let ok = match result {
+        Ok(cfg) => {
+            check_valid_config(&cfg)?;
+            true
+        }
+        Err(e) => {
+            let line = e.to_string();
+            prop_assert!(!line.contains('\n'), "{line}");
+            prop_assert!(!line.is_empty());
+            false
+        }
+    };
+    no_large_allocation()?;
+    Ok(ok)
+}
+
+/// Values for `--set`: boundary numbers, non-finite ones, strings, arrays and tables.
+fn override_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("0".to_string()),
+        Just("-1".to_string()),
+        Just("1".to_string()),
+        Just("2".to_string()),
+        Just("0.5".to_string()),
+        Just("1.5".to_string()),
+        Just("-0.0".to_string()),
+        Just("1e-300".to_string()),
+        Just("1e308".to_string()),
+        Just("nan".to_string()),
+        Just("inf".to_string()),
+        Just("-inf".to_string()),
+        Just("9223372036854775807".to_string()),
+        Just("18446744073709551615".to_string()),
+        Just("8192".to_string()),
+        Just("[8192, 8192]".to_string()),
+        Just("[64, 64]".to_string()),
+        Just("[0, 0]".to_string()),
+        Just("[]".to_string()),
+        Just("{}".to_string()),
+        Just("true".to_string()),
+        Just("\"../x\"".to_string()),
+        Just("\"/abs\"".to_string()),
+        Just("\"from_test:2\"".to_string()),
+        Just("\"\"".to_string()),
+        "[a-z0-9_.:/\\-]{0,12}",
+        any::<i64>().prop_map(|v| v.to_string()),
+        any::<f64>().prop_map(|v| format!("{v:e}")),
+    ]
+}
+
+#[test]
+fn run_configuration() {
+    let mut base = RunConfig::default();
+    base.data.root = "data".into();
+    base.data.category = Some("bottle".into());
+    base.vq.pretrain = true;
+    base.train.model = DsrConfig::tiny();
+    base.train.image_size = [64, 64];
+    base.pretrain.crop = 64;
+    let base = base.with_overrides(&[]).unwrap();
+    base.validate().unwrap();
+    let text = base.to_toml().unwrap();
+    assert!(
+        check_config(&text, &[]).unwrap(),
+        "the seed configuration is valid"
+    );
+    let mut keys = Vec::new();
+    toml_leaves(
+        &toml::Value::Table(toml::from_str(&text).unwrap()),
+        &mut Vec::new(),
+        &mut keys,
+    );
+    keys.extend(
+        [
+            "train.nonexistent",
+            "train",
+            "train.adam",
+            "data.category.x",
+            "",
+            "..",
+            "train..lr",
+        ]
+        .map(String::from),
+    );
+    let sets = |keys: Vec<String>| {
+        prop::collection::vec(
+            (prop::sample::select(keys), override_value()).prop_map(|(k, v)| format!("{k}={v}")),
+            0..4,
+        )
+    };
+    fuzz("config/set-overrides", sets(keys.clone()), |sets| {
+        check_config(&text, &sets)
+    });
+    fuzz(
+        "config/mutated-toml",
+        (mutations(), sets(keys)),
+        |(edits, sets)| {
+            let bytes = apply(text.as_bytes(), &edits, None);
+            let Ok(mutated) = String::from_utf8(bytes) else {
+                return Ok(false);
+            };
+            check_config(&mutated, &sets)
+        },
+    );
+    fuzz(
+        "config/arbitrary-toml",
+        "[\\[\\]a-z_.=\" 0-9\\n-]{0,200}",
+        |text| check_config(&text, &[]),
+    );
 }

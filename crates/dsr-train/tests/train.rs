@@ -157,10 +157,12 @@ fn anomalib_schedule_splits_epochs_70_30() {
 #[test]
 fn a_diverging_run_stops_with_a_clear_error() {
     let mut cfg = config(3, 0);
-    cfg.adam.lr = f64::NAN;
+    // A finite learning rate beyond f32: the update is infinite (a NaN rate is refused by the
+    // configuration's validation).
+    cfg.adam.lr = 1e300;
     let discrete = discrete_checkpoint(&cfg.model);
     let mut t = Trainer::new(cfg, &discrete, images(2), &Device::Cpu).unwrap();
-    // The loss of step 0 is finite, but its update (a NaN learning rate) poisons the weights:
+    // The loss of step 0 is finite, but its update (an infinite step) poisons the weights:
     // the step itself reports it.
     match t.train_step() {
         Err(TrainError::NonFiniteWeights { step, phase, name }) => {

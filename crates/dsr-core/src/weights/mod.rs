@@ -30,7 +30,7 @@ pub use self::torch::{
     load_discrete_pckl, load_lightning_ckpt, load_torch, MAX_ARCHIVE_ENTRIES,
     MAX_COMPRESSION_RATIO, MAX_PICKLE_BYTES,
 };
-pub use crate::atomic::{is_temp_file_of, write_atomic};
+pub use crate::atomic::{is_temp_file, temp_file_owner_alive, write_atomic};
 use crate::model::OutputMap;
 use crate::{DsrConfig, DsrModel, Error, Execution, Result};
 
@@ -80,7 +80,7 @@ pub enum WeightFormat {
 /// Recognises a weight file by its first bytes.
 pub fn detect_format(path: &Path) -> Result<WeightFormat> {
     let mut head = [0u8; 16];
-    let mut file = std::fs::File::open(path).map_err(|source| Error::Io {
+    let mut file = crate::files::open_regular(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })?;
@@ -100,7 +100,9 @@ pub fn detect_format(path: &Path) -> Result<WeightFormat> {
     }
     if n >= 9 {
         let header_len = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
-        if head[8] == b'{' && header_len > 1 && header_len < 100_000_000 {
+        // Any length is taken as safetensors here: the loader then checks it against the file
+        // size and says what is wrong with it (a huge length is a corrupt safetensors file).
+        if head[8] == b'{' && header_len > 1 {
             return Ok(WeightFormat::Safetensors);
         }
     }

@@ -24,12 +24,26 @@ pub fn load_safetensors(path: &Path) -> Result<Checkpoint> {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut file = crate::files::open_regular(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
     let mut head = [0u8; 8];
     let n = read_up_to(&mut file, &mut head).map_err(io)?;
     check_safetensors_header(path, &head[..n], len)?;
-    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    // Reserved fallibly: a file larger than the memory available is an error, not an abort.
+    let mut bytes = Vec::new();
+    usize::try_from(len)
+        .ok()
+        .and_then(|len| bytes.try_reserve_exact(len).ok())
+        .ok_or_else(|| {
+            Error::weights(
+                path,
+                format!(
+                    "the file has {len} bytes, more than the memory available can hold ({})",
+                    crate::memory::available_bytes()
+                        .map_or_else(|| "unknown".to_string(), crate::memory::human_bytes)
+                ),
+            )
+        })?;
     bytes.extend_from_slice(&head[..n]);
     file.read_to_end(&mut bytes).map_err(io)?;
     safetensors_from_bytes(path, &bytes)

@@ -37,7 +37,7 @@ struct ArchiveIndex {
 /// bomb), and pickles of at most [`MAX_PICKLE_BYTES`] that pass the pickle pre-scan.
 fn check_torch_archive(path: &Path) -> Result<ArchiveIndex> {
     let bad = |message: String| Error::weights(path, message);
-    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+    let file = crate::files::open_regular(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })?;

@@ -147,37 +147,51 @@ pub fn fuzz_cases<S: Strategy>(
     strategy: S,
     body: impl Fn(S::Value) -> Result<bool, TestCaseError>,
 ) {
-    let seed = std::env::var("DSR_FUZZ_SEED")
+    let seed: u64 = std::env::var("DSR_FUZZ_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        rng_seed: RngSeed::Fixed(seed),
-        failure_persistence: None,
-        max_shrink_iters: 2000,
-        ..Config::default()
-    });
+    // `DSR_FUZZ_SECONDS`: rounds of `cases` cases with seeds seed, seed + 1, … until that many
+    // seconds have passed (the timed long run).
+    let seconds: Option<f64> = std::env::var("DSR_FUZZ_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let runs = AtomicU64::new(0);
     let accepted = AtomicU64::new(0);
     let start = Instant::now();
-    let result = runner.run(&strategy, |value| {
-        runs.fetch_add(1, Ordering::Relaxed);
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(value)));
-        match outcome {
-            Ok(Ok(ok)) => {
-                if ok {
-                    accepted.fetch_add(1, Ordering::Relaxed);
+    let mut round = 0u64;
+    let result = loop {
+        let mut runner = TestRunner::new(Config {
+            cases,
+            rng_seed: RngSeed::Fixed(seed + round),
+            failure_persistence: None,
+            max_shrink_iters: 2000,
+            ..Config::default()
+        });
+        let result = runner.run(&strategy, |value| {
+            runs.fetch_add(1, Ordering::Relaxed);
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(value)));
+            match outcome {
+                Ok(Ok(ok)) => {
+                    if ok {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(())
                 }
-                Ok(())
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(TestCaseError::fail("the code under test panicked")),
             }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(TestCaseError::fail("the code under test panicked")),
+        });
+        round += 1;
+        match seconds {
+            Some(limit) if result.is_ok() && start.elapsed().as_secs_f64() < limit => continue,
+            _ => break result,
         }
-    });
+    };
     println!(
-        "fuzz {name}: {} executions (seed {seed}) in {:.1} s, {} accepted, the rest refused with an error",
+        "fuzz {name}: {} executions (seeds {seed}..{}) in {:.1} s, {} accepted, the rest refused with an error",
         runs.load(Ordering::Relaxed),
+        seed + round,
         start.elapsed().as_secs_f64(),
         accepted.load(Ordering::Relaxed)
     );
