@@ -139,7 +139,23 @@ fn fixture_checkpoint(path: &Path, extra: &BTreeMap<String, String>) -> Result<(
 }
 
 /// One model's check: export, predict, the ONNX Runtime side; returns its report.
-fn check_model(dsr: &Path, python: &Path, model: &Path, dir: &Path, name: &str) -> Result<Value> {
+/// What a model's check compares beyond the defaults: wider bounds for some outputs (with the
+/// reason) and the reference implementation's outputs.
+#[derive(Default)]
+struct Extra {
+    tolerances: Value,
+    why: &'static str,
+    reference: Option<PathBuf>,
+}
+
+fn check_model(
+    dsr: &Path,
+    python: &Path,
+    model: &Path,
+    dir: &Path,
+    name: &str,
+    extra: &Extra,
+) -> Result<Value> {
     println!("== {name}: {}", model.display());
     let dir = dir.join(name);
     std::fs::create_dir_all(&dir)?;
@@ -200,6 +216,9 @@ fn check_model(dsr: &Path, python: &Path, model: &Path, dir: &Path, name: &str) 
         "batches": [1, 4],
         "threads": 2,
         "tolerance": 1e-4,
+        "tolerances": extra.tolerances,
+        "why": extra.why,
+        "reference": extra.reference,
         "report": report,
     });
     let case_path = dir.join("case.json");
@@ -238,9 +257,23 @@ pub fn run_check(opts: &Options) -> Result<()> {
 
     let fixture = dir.join("fixture.safetensors");
     fixture_checkpoint(&fixture, &BTreeMap::new())?;
+    // The fixture's weights are the reference's random initialisation, and its upsampling
+    // U-Net amplifies rounding: one float step on the input moves ONNX Runtime's own refined
+    // map by about 1e-4, and ONNX Runtime's refined map is 2e-4 from the reference
+    // implementation's (PyTorch), which ours matches within 1e-5 (docs/exactness.md). Its
+    // refined map is held to 5e-4; every other output, and every output of a trained model, to
+    // 1e-4 (docs/deploy.md).
+    let fixture_dir = std::env::var_os("DSR_FIXTURE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("crates/dsr-core/tests/fixtures/small"));
+    let extra = Extra {
+        tolerances: json!({ "anomaly_map": 5e-4 }),
+        why: "random-initialisation weights: the refined map moves by ~1e-4 under a one-float-step input change in ONNX Runtime itself",
+        reference: Some(fixture_dir.join("forward_eval.safetensors")),
+    };
     reports.insert(
         "fixture".to_string(),
-        check_model(&dsr, &opts.python, &fixture, &dir, "fixture")?,
+        check_model(&dsr, &opts.python, &fixture, &dir, "fixture", &extra)?,
     );
 
     // The other branches of the graph: the detection module's map and a post-processor whose
@@ -272,13 +305,20 @@ pub fn run_check(opts: &Options) -> Result<()> {
     fixture_checkpoint(&variant, &extra)?;
     reports.insert(
         "fixture-detection-post".to_string(),
-        check_model(&dsr, &opts.python, &variant, &dir, "fixture-detection-post")?,
+        check_model(
+            &dsr,
+            &opts.python,
+            &variant,
+            &dir,
+            "fixture-detection-post",
+            &Extra::default(),
+        )?,
     );
     for (i, model) in opts.models.iter().enumerate() {
         let name = format!("model-{}", i + 1);
         reports.insert(
             format!("{name} ({})", model.display()),
-            check_model(&dsr, &opts.python, model, &dir, &name)?,
+            check_model(&dsr, &opts.python, model, &dir, &name, &Extra::default())?,
         );
     }
     let summary = dir.join("parity-summary.json");
