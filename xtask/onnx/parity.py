@@ -143,7 +143,7 @@ def main() -> int:
     if failed:
         print(f"FAILED: an output differs by more than {tol} (or its stated bound {wider})")
         return 1
-    print(f"ok: every output within {tol} of `dsr predict`")
+    print(f"ok: every output within {tol} of `dsr predict`" + (f" (bounds stated for {sorted(wider)})" if wider else ""))
     return 0
 
 

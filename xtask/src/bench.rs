@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 pub const USAGE: &str =
-    "usage: cargo xtask bench [--quick] [--torch PYTHON] [--onnx PYTHON] [--criterion] [--repeat N] [--json OUT]
+    "usage: cargo xtask bench [--quick] [--torch PYTHON] [--onnx PYTHON] [--infer-only] [--criterion] [--repeat N] [--json OUT]
 
 Builds the `bench` example (benches/pipeline.rs) in release mode and runs one process per
 measurement of the default model at 256x256: inference at batch 1 and 8, a
@@ -26,6 +26,7 @@ step and peak RSS (VmHWM of the measuring process).
                  weights, dynamic batch) in ONNX Runtime with 2 threads, with
                  this Python (needs `pip install onnxruntime numpy`;
                  DSR_BENCH_ONNX_PYTHON works too): inference rows only
+  --infer-only   the inference rows only (no training steps)
   --criterion    run the criterion benches first: network parts and whole
                  forward and training steps (benches/), convolutions (dsr-core)
   --repeat N     timed calls per measurement after one warm-up (default 3;
@@ -48,6 +49,7 @@ pub struct Options {
     pub quick: bool,
     pub torch: Option<PathBuf>,
     pub onnx: Option<PathBuf>,
+    pub infer_only: bool,
     pub criterion: bool,
     pub repeat: usize,
     pub json: Option<PathBuf>,
@@ -59,6 +61,7 @@ pub fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
         quick: false,
         torch: std::env::var_os("DSR_BENCH_PYTHON").map(PathBuf::from),
         onnx: std::env::var_os("DSR_BENCH_ONNX_PYTHON").map(PathBuf::from),
+        infer_only: false,
         criterion: false,
         repeat: 3,
         json: None,
@@ -69,6 +72,7 @@ pub fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
             "-h" | "--help" => return Ok(None),
             "--quick" => opts.quick = true,
             "--criterion" => opts.criterion = true,
+            "--infer-only" => opts.infer_only = true,
             "--torch" => match it.next() {
                 Some(v) if !v.is_empty() => opts.torch = Some(PathBuf::from(v)),
                 _ => return Err("--torch needs a Python interpreter".into()),
@@ -237,6 +241,9 @@ pub fn run(opts: &Options) -> Result<()> {
     let mut records = Vec::new();
     let mut onnx_rows = Vec::new();
     for case in cases(opts.quick) {
+        if opts.infer_only && case.mode != "infer" {
+            continue;
+        }
         let args = [
             case.mode.to_string(),
             "--batch".into(),
