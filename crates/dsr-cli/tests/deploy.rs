@@ -47,10 +47,22 @@ fn shards_run_at_once_give_exactly_the_rows_of_one_run() {
         std::fs::create_dir_all(d).unwrap();
     }
     for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
-        make_image(&one.join(format!("{name}.png")), 64, 64, i % 2 == 1, i as u32);
+        make_image(
+            &one.join(format!("{name}.png")),
+            64,
+            64,
+            i % 2 == 1,
+            i as u32,
+        );
     }
     for (i, name) in ["a", "e", "f"].iter().enumerate() {
-        make_image(&two.join(format!("{name}.png")), 72, 64, i == 0, 10 + i as u32);
+        make_image(
+            &two.join(format!("{name}.png")),
+            72,
+            64,
+            i == 0,
+            10 + i as u32,
+        );
     }
     let whole = dir.path().join("whole");
     let out = dsr(&[
@@ -85,7 +97,10 @@ fn shards_run_at_once_give_exactly_the_rows_of_one_run() {
         let part = rows(&dir.path().join(format!("shard-{i}")));
         sizes.push(part.len());
         for (path, row) in part {
-            assert!(merged.insert(path.clone(), row).is_none(), "{path} in two shards");
+            assert!(
+                merged.insert(path.clone(), row).is_none(),
+                "{path} in two shards"
+            );
         }
     }
     // 7 inputs by position mod 3: 3, 2 and 2.
@@ -131,7 +146,10 @@ fn export_writes_an_onnx_model_and_replaces_only_its_own() {
     let out = export(&onnx, &["--dynamic-batch", "--opset", "18"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(text.contains("opset 18") && text.contains("pred_label"), "{text}");
+    assert!(
+        text.contains("opset 18") && text.contains("pred_label"),
+        "{text}"
+    );
     let written = dsr_export::from_bytes(&std::fs::read(&onnx).unwrap()).unwrap();
     assert_eq!(written.opset_import[0].version, 18);
     assert_eq!(written.graph.output.len(), 6);
