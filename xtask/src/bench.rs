@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 pub const USAGE: &str =
-    "usage: cargo xtask bench [--quick] [--torch PYTHON] [--criterion] [--repeat N] [--json OUT]
+    "usage: cargo xtask bench [--quick] [--torch PYTHON] [--onnx PYTHON] [--infer-only] [--criterion] [--repeat N] [--json OUT]
 
 Builds the `bench` example (benches/pipeline.rs) in release mode and runs one process per
 measurement of the default model at 256x256: inference at batch 1 and 8, a
@@ -22,6 +22,11 @@ step and peak RSS (VmHWM of the measuring process).
   --torch PY     also time anomalib's PyTorch model with this Python (needs
                  `pip install torch anomalib==2.7.0`; DSR_BENCH_PYTHON works
                  too) and print the ratios
+  --onnx PY      also time the model exported by `dsr export` (same seeded
+                 weights, dynamic batch) in ONNX Runtime with 2 threads, with
+                 this Python (needs `pip install onnxruntime numpy`;
+                 DSR_BENCH_ONNX_PYTHON works too): inference rows only
+  --infer-only   the inference rows only (no training steps)
   --criterion    run the criterion benches first: network parts and whole
                  forward and training steps (benches/), convolutions (dsr-core)
   --repeat N     timed calls per measurement after one warm-up (default 3;
@@ -43,6 +48,8 @@ const CRITERION: [&[&str]; 2] = [
 pub struct Options {
     pub quick: bool,
     pub torch: Option<PathBuf>,
+    pub onnx: Option<PathBuf>,
+    pub infer_only: bool,
     pub criterion: bool,
     pub repeat: usize,
     pub json: Option<PathBuf>,
@@ -53,6 +60,8 @@ pub fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
     let mut opts = Options {
         quick: false,
         torch: std::env::var_os("DSR_BENCH_PYTHON").map(PathBuf::from),
+        onnx: std::env::var_os("DSR_BENCH_ONNX_PYTHON").map(PathBuf::from),
+        infer_only: false,
         criterion: false,
         repeat: 3,
         json: None,
@@ -63,9 +72,14 @@ pub fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
             "-h" | "--help" => return Ok(None),
             "--quick" => opts.quick = true,
             "--criterion" => opts.criterion = true,
+            "--infer-only" => opts.infer_only = true,
             "--torch" => match it.next() {
                 Some(v) if !v.is_empty() => opts.torch = Some(PathBuf::from(v)),
                 _ => return Err("--torch needs a Python interpreter".into()),
+            },
+            "--onnx" => match it.next() {
+                Some(v) if !v.is_empty() => opts.onnx = Some(PathBuf::from(v)),
+                _ => return Err("--onnx needs a Python interpreter".into()),
             },
             "--json" => match it.next() {
                 Some(v) if !v.is_empty() => opts.json = Some(PathBuf::from(v)),
@@ -211,9 +225,25 @@ pub fn run(opts: &Options) -> Result<()> {
     let script = root.join("xtask/bench/torch_reference.py");
     let repeat = if opts.quick { 1 } else { opts.repeat };
 
+    // ONNX Runtime measures the reference model only (the quick run's small configuration
+    // belongs to the training crate).
+    let onnx_model = match &opts.onnx {
+        Some(_) if !opts.quick => Some(export_seeded(&target)?),
+        Some(_) => {
+            eprintln!("--onnx is ignored with --quick: ONNX Runtime times the reference model");
+            None
+        }
+        None => None,
+    };
+    let onnx_script = root.join("xtask/bench/onnx_runtime.py");
+
     let mut rows = Vec::new();
     let mut records = Vec::new();
+    let mut onnx_rows = Vec::new();
     for case in cases(opts.quick) {
+        if opts.infer_only && case.mode != "infer" {
+            continue;
+        }
         let args = [
             case.mode.to_string(),
             "--batch".into(),
@@ -242,10 +272,30 @@ pub fn run(opts: &Options) -> Result<()> {
             )?),
             _ => None,
         };
+        let onnx = match (&opts.onnx, &onnx_model, case.mode) {
+            (Some(python), Some(model), "infer") => Some(run_child(
+                Command::new(python)
+                    .arg(&onnx_script)
+                    .arg(model)
+                    .args(["--threads", "2"])
+                    .args(&args[1..]),
+                &format!(
+                    "{} {} {}",
+                    python.display(),
+                    onnx_script.display(),
+                    model.display()
+                ),
+            )?),
+            _ => None,
+        };
+        if let Some(o) = &onnx {
+            onnx_rows.push((case.clone(), ours.clone(), o.clone()));
+        }
         records.push(serde_json::json!({
             "label": case.label,
             "ours": ours.raw,
             "torch": torch.as_ref().map(|t| t.raw.clone()),
+            "onnxruntime": onnx.as_ref().map(|o| o.raw.clone()),
         }));
         rows.push((case, ours, torch));
     }
@@ -282,6 +332,21 @@ pub fn run(opts: &Options) -> Result<()> {
             ),
         }
     }
+    if !onnx_rows.is_empty() {
+        println!();
+        println!("| measure | dsr-rs | ONNX Runtime, 2 threads (`dsr export`) | peak RSS | speed ratio (ours / ONNX Runtime) |");
+        println!("|---|---|---|---|---|");
+        for (case, ours, o) in &onnx_rows {
+            println!(
+                "| inference, batch {} | {} | {} | {} | {:.2}× |",
+                case.batch,
+                figure(case, ours),
+                figure(case, o),
+                gb(o.peak_rss_bytes),
+                ours.images_per_s / o.images_per_s
+            );
+        }
+    }
     if opts.torch.is_none() {
         println!(
             "\n(PyTorch not timed: pass --torch PYTHON, a Python with torch and anomalib 2.7.0)"
@@ -292,6 +357,33 @@ pub fn run(opts: &Options) -> Result<()> {
         std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Writes the bench's model (seeded weights of the reference configuration, as the bench example
+/// draws them) as a checkpoint and exports it with a free batch dimension; returns the `.onnx`.
+fn export_seeded(target: &Path) -> Result<PathBuf> {
+    let (cfg, size) = (dsr_core::DsrConfig::default(), 256);
+    let dir = target.join("bench-onnx");
+    std::fs::create_dir_all(&dir)?;
+    let ckpt = dir.join(format!("seeded-{size}.safetensors"));
+    let weights = dsr_core::DsrModel::seeded_weights(&cfg, 0)?;
+    dsr_core::weights::save_checkpoint(
+        &ckpt,
+        &weights,
+        &cfg,
+        Some([size, size]),
+        &Default::default(),
+    )?;
+    let model = dsr_export::export_file(
+        &ckpt,
+        &dsr_export::ExportOptions {
+            dynamic_batch: true,
+            ..Default::default()
+        },
+    )?;
+    let out = dir.join(format!("seeded-{size}.onnx"));
+    dsr_export::write_model(&model, &out)?;
+    Ok(out)
 }
 
 #[cfg(test)]

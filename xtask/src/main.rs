@@ -6,6 +6,7 @@ use std::process::{Command, ExitCode};
 
 mod bench;
 mod fetch;
+mod onnx_check;
 mod report_check;
 
 const TASKS: &str = "tasks:
@@ -13,6 +14,8 @@ const TASKS: &str = "tasks:
                  (optionally beside anomalib's PyTorch model): see `cargo xtask bench --help`
   ci             run what CI runs: cargo fmt --check, clippy -D warnings, cargo test --workspace
   fetch-weights  download (checksummed, resumable) and convert the pretrained discrete model
+  onnx-check     export models with `dsr export`, run them in ONNX Runtime and compare with
+                 `dsr predict` (batch 1 and 4): see `cargo xtask onnx-check --help`
   report-check   open a `dsr test` report.html in headless Chromium: REPORT [--screenshot OUT.png]
 ";
 
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
         Some("bench") => run_bench(std::env::args().skip(2).collect()),
         Some("ci") => run_ci(),
         Some("fetch-weights") => run_fetch_weights(std::env::args().skip(2).collect()),
+        Some("onnx-check") => run_onnx_check(std::env::args().skip(2).collect()),
         Some("report-check") => run_report_check(std::env::args().skip(2).collect()),
         None => {
             print!("{TASKS}");
@@ -60,6 +64,27 @@ fn run_bench(args: Vec<String>) -> ExitCode {
         }
     };
     match bench::run(&opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_onnx_check(args: Vec<String>) -> ExitCode {
+    let opts = match onnx_check::parse_args(&args) {
+        Ok(Some(opts)) => opts,
+        Ok(None) => {
+            print!("{}", onnx_check::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("error: {e}\n{}", onnx_check::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    match onnx_check::run_check(&opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

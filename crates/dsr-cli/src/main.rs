@@ -5,6 +5,7 @@
 mod augment;
 mod convert;
 mod evaluate;
+mod export;
 mod guard;
 mod heap;
 mod io;
@@ -12,6 +13,7 @@ mod predict;
 mod progress;
 mod render;
 mod report;
+mod shard;
 mod train;
 
 use std::path::PathBuf;
@@ -138,6 +140,11 @@ enum Command {
     /// assets/demo (phases 1-3, about 6 minutes on 2 cores), tests it and writes the report.
     #[command(after_help = EXIT_CODES)]
     Demo(train::DemoArgs),
+    /// Export a checkpoint's evaluation forward as an ONNX model (image N×3×H×W RGB in [0, 1]
+    /// → anomaly map and score, and with stored thresholds their normalised values and
+    /// labels) for ONNX Runtime, Triton or KServe; see docs/deploy.md.
+    #[command(after_help = EXIT_CODES)]
+    Export(export::ExportArgs),
 }
 
 /// Parses an error policy: fail or skip.
@@ -226,6 +233,7 @@ fn main() -> ExitCode {
         Command::Pretrain(args) => train::pretrain(&args, exec),
         Command::Augment(args) => augment::run(&args).map(|_| ()),
         Command::Demo(args) => train::demo(&args, exec),
+        Command::Export(args) => export::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -53,6 +53,11 @@ pub struct PredictArgs {
     /// The compute device.
     #[arg(long, value_enum, default_value_t = crate::train::DeviceArg::Cpu)]
     pub device: crate::train::DeviceArg,
+    /// Predict only shard I of N (0 ≤ I < N): the inputs at positions k of the expanded list
+    /// with k mod N = I, under the names a whole run gives them. The N shards, each into its
+    /// own --out, together give exactly the rows of one run (see docs/deploy.md).
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<crate::shard::Shard>,
 }
 
 /// The journal of finished images inside the output folder.
@@ -330,6 +335,10 @@ pub fn run(args: &PredictArgs, exec: Execution) -> Result<()> {
     // the interrupted one did.
     let mut used = HashSet::new();
     let stems: Vec<String> = files.iter().map(|p| unique_stem(p, &mut used)).collect();
+    let (files, stems) = match args.shard {
+        Some(shard) => (shard.select(files), shard.select(stems)),
+        None => (files, stems),
+    };
     // Every output is checked before anything is written: none may be an input or a file this
     // program did not write.
     for stem in &stems {
