@@ -20,6 +20,7 @@ use candle_core::{Device, Tensor};
 use common::discrete_checkpoint;
 use dsr_augment::{ImageBatch, Recipe};
 use dsr_core::init::InitScheme;
+use dsr_core::memory::training_bytes;
 use dsr_core::weights::{load_safetensors, save_checkpoint};
 use dsr_core::DsrConfig;
 use dsr_eval::image::{decode_checked, image_to_chw, mask_to_binary};
@@ -30,7 +31,7 @@ use dsr_train::session::RunConfig;
 use dsr_train::train::{Schedule, TrainConfig, Trainer, META_TRAIN_STATE};
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, Rgb, Rgba};
 use mutate::{apply, cases, fuzz, fuzz_cases, mutations};
-use peak_alloc::{largest_allocation, PeakAlloc};
+use peak_alloc::{largest_allocation, reset_largest, PeakAlloc};
 use proptest::prelude::*;
 
 #[global_allocator]
@@ -228,6 +229,7 @@ fn train_state_metadata() {
     // Numbers of the state replaced by small, boundary or huge values (the structure stays
     // valid, so these cases reach the checks behind the parser), byte mutations, arbitrary text.
     let parsed: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let parsed_state = parsed.clone();
     let mut leaves = Vec::new();
     number_paths(&parsed, &mut Vec::new(), &mut leaves);
     let number = prop_oneof![
@@ -277,14 +279,45 @@ fn train_state_metadata() {
     );
     // Each case writes a checkpoint and builds a trainer: a quarter of the cases of the others.
     let n = (cases() / 4).max(16);
+    // A state that loads can train on. Reading the state must stay small whatever it says; a
+    // training step may legitimately need more (a batch of up to MAX_BATCH_SIZE images, checked
+    // against the machine's memory by `TrainConfig::validate`), but never more than the
+    // estimate that check uses.
+    let step_within_estimate = |t: &mut Trainer| -> Result<(), TestCaseError> {
+        let cfg = t.config();
+        let estimate = training_bytes(&cfg.model, cfg.batch_size, cfg.image_size);
+        reset_largest();
+        if !t.is_done() {
+            let _ = t.train_step();
+        }
+        let largest = largest_allocation();
+        if largest > ALLOCATION_LIMIT && std::env::var("DSR_FUZZ_DEBUG").is_ok() {
+            println!(
+                "a step of batch {} allocated {largest} bytes at once (estimate {estimate})",
+                t.config().batch_size
+            );
+        }
+        prop_assert!(
+            largest as u64 <= estimate.max(ALLOCATION_LIMIT as u64),
+            "a step of batch {} allocated {largest} bytes at once, above the estimate of {estimate}",
+            t.config().batch_size
+        );
+        Ok(())
+    };
+    // A batch far above the seed's, checked once on purpose (the fuzzer reaches up to
+    // MAX_BATCH_SIZE, whose steps take minutes here).
+    let mut big = parsed_state.clone();
+    big["config"]["batch_size"] = serde_json::Value::from(128);
+    write(big.to_string());
+    let mut t = Trainer::resume(&path, images(), &Device::Cpu).unwrap();
+    step_within_estimate(&mut t).unwrap();
     fuzz_cases("metadata/dsr.train_state", n, strategy, |json| {
         write(json);
+        reset_largest();
         let ok = match Trainer::resume(&path, images(), &Device::Cpu) {
             Ok(mut t) => {
-                // A state that loads can train on.
-                if !t.is_done() {
-                    let _ = t.train_step();
-                }
+                no_large_allocation()?;
+                step_within_estimate(&mut t)?;
                 true
             }
             Err(e) => {
@@ -293,10 +326,10 @@ fn train_state_metadata() {
                     println!("{line}");
                 }
                 prop_assert!(!line.is_empty());
+                no_large_allocation()?;
                 false
             }
         };
-        no_large_allocation()?;
         Ok(ok)
     });
     let _ = std::fs::remove_dir_all(&dir);
