@@ -88,6 +88,26 @@ fn main() -> BoxResult<()> {
         recompute,
         ..Execution::default()
     };
+    if mode == "checkpoint" {
+        let out = arg(&args, "--out", "");
+        if out.is_empty() {
+            return Err("checkpoint needs --out FILE".into());
+        }
+        let weights = DsrModel::seeded_weights(&cfg, 0)?;
+        dsr_core::weights::save_checkpoint(
+            std::path::Path::new(&out),
+            &weights,
+            &cfg,
+            Some([size, size]),
+            &Default::default(),
+        )
+        .map_err(|e| format!("cannot write {out}: {e}"))?;
+        println!(
+            "{}",
+            serde_json::json!({ "checkpoint": out, "preset": preset, "size": size })
+        );
+        return Ok(());
+    }
     let device = match arg(&args, "--device", "cpu").as_str() {
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(0)?,
@@ -140,7 +160,11 @@ fn main() -> BoxResult<()> {
                 Ok(())
             })?
         }
-        other => return Err(format!("unknown mode '{other}' (infer, phase2 or phase3)").into()),
+        other => {
+            return Err(
+                format!("unknown mode '{other}' (infer, phase2, phase3 or checkpoint)").into(),
+            )
+        }
     };
     let mut sorted = seconds.clone();
     sorted.sort_by(f64::total_cmp);

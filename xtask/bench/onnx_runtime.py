@@ -1,6 +1,7 @@
-"""Times a model written by `dsr export` in ONNX Runtime (CPU) the way `cargo run --example bench`
-times ours: random images in [0, 1], one untimed warm-up call, then --repeat timed calls; the last
-stdout line is the same JSON object as the Rust bench prints.
+"""Times a model written by `dsr export` (or anomalib's own export, `anomalib_onnx.py`) in ONNX
+Runtime (CPU) the way `cargo run --example bench` times ours: random images in [0, 1], one untimed
+warm-up call, then --repeat timed calls; the last stdout line is the same JSON object as the Rust
+bench prints.
 
 Called by `cargo xtask bench --onnx PYTHON`; can be run by hand:
 
@@ -32,10 +33,12 @@ def main() -> None:
     opts.intra_op_num_threads = args.threads
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(args.model, opts, providers=["CPUExecutionProvider"])
+    # `dsr export` names its input "image", anomalib's export "input": take the model's own.
+    name = sess.get_inputs()[0].name
     image = np.random.default_rng(0).random((args.batch, 3, args.size, args.size), dtype=np.float32)
 
     def call() -> None:
-        sess.run(None, {"image": image})
+        sess.run(None, {name: image})
 
     call()  # warm-up
     seconds = []
