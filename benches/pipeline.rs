@@ -15,14 +15,15 @@
 //! `--recompute` sets `Execution::recompute` of the trainer (training memory
 //! against time; `dsr train --recompute`). Inference runs as `dsr predict` does (Winograd's 3×3
 //! convolutions, layers keeping their transformed filters); `--direct-conv` turns Winograd off
-//! (`dsr --direct-conv`). `--device cuda` runs on the first CUDA GPU (built with
+//! (`dsr --direct-conv`), `--precision bf16` computes the convolution products in bf16 with
+//! AVX512-BF16 (`dsr --precision bf16`; an error on CPUs without it). `--device cuda` runs on the first CUDA GPU (built with
 //! `--features dsr-train/cuda`, docs/gpu.md); each timed call then ends with the device
 //! synchronised, and the JSON adds `"device": "cuda"`.
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use dsr_core::{Checkpoint, ConvAlgorithm, DsrConfig, DsrModel, Execution};
+use dsr_core::{Checkpoint, ConvAlgorithm, DsrConfig, DsrModel, Execution, Precision};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -129,7 +130,16 @@ fn main() -> BoxResult<()> {
                 image_size: None,
                 metadata: Default::default(),
             };
-            let model = weights.into_inference_model(&cfg, &device, Execution::with_conv(conv))?;
+            let precision = match arg(&args, "--precision", "f32").as_str() {
+                "f32" => Precision::F32,
+                "bf16" => Precision::Bf16,
+                other => return Err(format!("unknown precision '{other}' (f32 or bf16)").into()),
+            };
+            let exec = Execution {
+                precision,
+                ..Execution::with_conv(conv)
+            };
+            let model = weights.into_inference_model(&cfg, &device, exec)?;
             let image = Tensor::rand(0f32, 1f32, (batch, 3, size, size), &device)?;
             time_calls(repeat, || {
                 let out = model.infer(&image)?;
@@ -176,6 +186,7 @@ fn main() -> BoxResult<()> {
         "preset": preset,
         "device": if device.is_cuda() { "cuda" } else { "cpu" },
         "recompute": recompute,
+        "precision": arg(&args, "--precision", "f32"),
         "seconds": seconds,
         "median_s": median,
         "images_per_s": batch as f64 / median,

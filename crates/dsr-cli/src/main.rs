@@ -23,7 +23,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use dsr_core::weights::{load_checkpoint, META_CONFIG, META_IMAGE_SIZE, META_OUTPUT_MAP};
 use dsr_eval::postprocess::{PostProcessor, METADATA_KEY};
-use dsr_eval::{ConvAlgorithm, Execution, OnError};
+use dsr_eval::{ConvAlgorithm, Execution, OnError, Precision};
 
 const EXIT_CODES: &str = "Exit codes:
   0  success
@@ -42,6 +42,31 @@ struct Cli {
     /// inference; see docs/performance.md).
     #[arg(long, global = true)]
     direct_conv: bool,
+    /// The arithmetic of the convolution products at inference (predict, test, and the
+    /// evaluations of train and demo; training steps always compute in f32). bf16 multiplies
+    /// bf16-rounded values with AVX512-BF16 and sums in f32: less memory, anomaly maps 7e-3 from
+    /// f32's on average, faster only on CPUs whose bf16 dot products outrun their f32
+    /// multiply-adds (docs/performance.md, "BF16"); it fails on CPUs without AVX512-BF16.
+    #[arg(long, global = true, value_enum, default_value_t = PrecisionArg::F32)]
+    precision: PrecisionArg,
+}
+
+/// `--precision`: the arithmetic of the convolution products at inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PrecisionArg {
+    /// f32 operands and sums (the default).
+    F32,
+    /// bf16 operands, f32 sums (needs AVX512-BF16).
+    Bf16,
+}
+
+impl From<PrecisionArg> for Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        }
+    }
 }
 
 // Parsed once per process: the size of the largest variant (train's many options) costs nothing.
@@ -200,11 +225,20 @@ fn main() -> ExitCode {
         Command::Train { .. } | Command::Pretrain(_) | Command::Demo(_) => heap::HeapUse::Lean,
         _ => heap::HeapUse::Reuse,
     });
-    let exec = Execution::with_conv(if cli.direct_conv {
-        ConvAlgorithm::Direct
-    } else {
-        ConvAlgorithm::Winograd
-    });
+    let exec = Execution {
+        precision: cli.precision.into(),
+        ..Execution::with_conv(if cli.direct_conv {
+            ConvAlgorithm::Direct
+        } else {
+            ConvAlgorithm::Winograd
+        })
+    };
+    // Before any work: bf16 on a CPU without AVX512-BF16 is refused, not silently replaced by
+    // f32 (a user who asks for it wants its speed, and its numbers are not f32's).
+    if let Err(e) = exec.precision.check_supported() {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
     let result = match cli.command {
         Command::Info { file } => info(file),
         Command::Convert {

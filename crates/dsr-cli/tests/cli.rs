@@ -294,6 +294,43 @@ fn direct_convolutions_change_the_maps_only_by_rounding() {
 }
 
 #[test]
+fn bf16_precision_runs_where_the_cpu_has_it_and_is_refused_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = dir.path().join("model.safetensors");
+    make_model(&model_path, true);
+    let img_path = dir.path().join("x.png");
+    make_image(&img_path, 64, 64, true, 5);
+    let run = |precision: &str| {
+        let out_dir = dir.path().join(format!("out-{precision}"));
+        let mut args = vec!["predict", "--model", s(&model_path), s(&img_path)];
+        args.extend(["--out", s(&out_dir), "--raw", "--precision", precision]);
+        (dsr(&args), out_dir)
+    };
+    let supported = dsr_core::Precision::Bf16.supported();
+    let (out, _) = run("bf16");
+    if !supported {
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains("AVX512-BF16"), "{}", stderr(&out));
+        eprintln!("skipped the bf16 maps: this CPU lacks AVX512-BF16");
+        return;
+    }
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bf16 = read_npy(&dir.path().join("out-bf16").join("x.npy")).1;
+    let (out, f32_dir) = run("f32");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let f32_map = read_npy(&f32_dir.join("x.npy")).1;
+    assert_eq!(bf16.len(), f32_map.len());
+    assert_ne!(bf16, f32_map, "bf16 gave f32's bits");
+    // Random weights amplify bf16's rounding (tests/bf16.rs of dsr-core); a map value is a
+    // probability: the bound only catches a broken kernel.
+    assert!(bf16
+        .iter()
+        .all(|v| v.is_finite() && (0.0..=1.0).contains(v)));
+    let out = dsr(&["predict", "--precision", "f16", s(&img_path)]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+#[test]
 fn predict_takes_glob_patterns_and_fails_on_request() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model.safetensors");

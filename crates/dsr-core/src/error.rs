@@ -13,6 +13,10 @@ pub enum Error {
     #[error("invalid DSR configuration: {0}")]
     Config(String),
 
+    /// What was asked for cannot run on this machine; the message says what is missing.
+    #[error("not supported on this machine: {0}")]
+    Unsupported(String),
+
     /// An input tensor has a shape the model cannot take.
     #[error("invalid input: {0}")]
     Input(String),

@@ -113,7 +113,7 @@ impl Conv2d {
             &self.weight,
             self.bias.as_ref(),
             (self.stride, self.padding),
-            policy.winograd(),
+            (policy.winograd(), policy.bf16()),
             policy.keep_filters.then_some(&self.cache),
         )
     }

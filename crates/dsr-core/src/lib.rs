@@ -67,7 +67,7 @@ pub use anomaly::{Randomness, RecordedDraws, SeededRandomness};
 pub use config::DsrConfig;
 pub use discrete::DiscreteLatentModel;
 pub use error::{Error, Result};
-pub use exec::{ConvAlgorithm, Execution};
+pub use exec::{ConvAlgorithm, Execution, Precision};
 pub use model::{DsrModel, EvalTrace, Inference, OutputMap, Phase2Output};
 pub use quantizer::{Quantized, VectorQuantizer};
 pub use weights::Checkpoint;

@@ -38,7 +38,7 @@ pub mod metrics;
 pub mod postprocess;
 
 pub use detector::{Detector, Prediction, DEFAULT_IMAGE_SIZE};
-pub use dsr_core::{ConvAlgorithm, Execution};
+pub use dsr_core::{ConvAlgorithm, Execution, Precision};
 pub use error::{EvalError, Result};
 pub use evaluate::{evaluate, EvalOptions, Evaluation, Sample, Skipped};
 pub use image::OnError;

@@ -6,6 +6,7 @@
 //!
 //! Timings and the reasons behind each algorithm choice are in docs/performance.md.
 
+pub(crate) mod bf16;
 pub mod conv;
 pub(crate) mod nhwc;
 pub mod norm;

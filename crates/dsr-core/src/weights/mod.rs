@@ -289,13 +289,15 @@ impl Checkpoint {
     /// Winograd's algorithm, 4× the 3×3 weights) between calls instead of making them again
     /// each time (memory and time: docs/performance.md). Only for tensors that share no storage with training variables (a `Var`'s
     /// detached view would change under the kept copies); [`Checkpoint::build_model`] keeps
-    /// nothing.
+    /// nothing. Fails with [`crate::Error::Unsupported`] when `exec` asks for bf16 products on a
+    /// CPU without AVX512-BF16.
     pub fn into_inference_model(
         self,
         cfg: &DsrConfig,
         device: &Device,
         exec: Execution,
     ) -> Result<DsrModel> {
+        exec.precision.check_supported()?;
         check_tensors(&self.path, &self.tensors, &cfg.state_dict_shapes()?)?;
         let output = self.output_map()?;
         if let Some((key, _)) = self.tensors.iter().find(|(_, t)| t.is_variable()) {

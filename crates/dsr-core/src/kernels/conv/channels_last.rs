@@ -26,6 +26,7 @@ use rayon::prelude::*;
 use candle_core::Shape;
 
 use super::{add_bias_planes, check_bias, Geometry};
+use crate::kernels::bf16::{self, PackedB};
 
 /// The target size (in bytes) of the patch matrix of one band of output rows.
 const BAND_BYTES: usize = 24 << 20;
@@ -40,6 +41,8 @@ thread_local! {
     /// neither a fresh allocation nor zeroing per call. It keeps the largest size asked for so
     /// far, some tens of MB at 256×256.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The same for the bf16 operands of the bf16 products ([`crate::kernels::bf16`]).
+    static SCRATCH_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
 /// gemm's threads: rayon's pool when it has more than one.
@@ -158,6 +161,19 @@ pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
             f(&mut buf[..len])
         }
         Err(_) => f(&mut vec![0f32; len]),
+    })
+}
+
+/// [`with_scratch`] for bf16 values (bits), from this thread's own bf16 working memory.
+pub(super) fn with_bf16_scratch<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
+    SCRATCH_BF16.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                *buf = vec![0u16; len];
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0u16; len]),
     })
 }
 
@@ -434,6 +450,97 @@ fn forward_images(
     }
 }
 
+/// The tap-major weight matrix `wmat` (`[co, kh·kw·c]`) as the right operand `Wᵀ` of
+/// [`conv2d_forward_bf16`], rounded to bf16 and packed.
+pub(super) fn pack_weight_bf16(wmat: &[f32], co: usize) -> PackedB {
+    let k = wmat.len() / co.max(1);
+    PackedB::new(k, co, |r, o| wmat[o * k + r])
+}
+
+/// [`conv2d_forward`] with bf16 products ([`crate::kernels::bf16`]): the padded channels-last
+/// image and so the patch matrix are rounded to bf16, `wt` is [`pack_weight_bf16`] of the
+/// weight matrix; each output is the same dot product over the same columns, multiplied in
+/// bf16 and summed in f32. The bias is added in f32 as in [`conv2d_forward`]. Needs
+/// AVX512-BF16 ([`crate::kernels::bf16::available`]).
+pub(super) fn conv2d_forward_bf16(
+    g: &Geometry,
+    xs: &[f32],
+    wt: &PackedB,
+    co: usize,
+    bias: Option<&[f32]>,
+    layout: ImageLayout,
+) -> candle_core::Result<Vec<f32>> {
+    if !g.tap_major {
+        candle_core::bail!("channels-last convolution: the weight columns must be tap-major");
+    }
+    let (c, h, w) = (g.channels, g.h, g.w);
+    let k = g.rows();
+    let image_len = c * h * w;
+    if image_len == 0 || xs.len() % image_len != 0 {
+        candle_core::bail!(
+            "channels-last convolution: {} input values are not whole {c}×{h}×{w} images",
+            xs.len()
+        );
+    }
+    if (wt.k(), wt.n()) != (k, co) {
+        candle_core::bail!(
+            "channels-last convolution: a {}×{} bf16 weight for a {k}×{co} product",
+            wt.k(),
+            wt.n()
+        );
+    }
+    if let Some(b) = bias {
+        check_bias(b, co)?;
+    }
+    if !bf16::available() {
+        candle_core::bail!("bf16 convolutions need a CPU with AVX512-BF16");
+    }
+    let n = xs.len() / image_len;
+    let out_plane = g.oh * g.ow;
+    let width = 2 * bf16::pairs(k);
+    let band_rows = band_rows(g, BAND_BYTES);
+    let padded_len = (h + 2 * g.pad) * (w + 2 * g.pad) * c;
+    let cols_len = band_rows * g.ow * width;
+    let mut out = vec![0f32; n * co * out_plane];
+    with_scratch(padded_len + band_rows * g.ow * co, |scratch| {
+        let (padded, product) = scratch.split_at_mut(padded_len);
+        with_bf16_scratch(padded_len + cols_len, |scratch16| {
+            let (padded16, cols) = scratch16.split_at_mut(padded_len);
+            for (image, dst) in xs
+                .chunks_exact(image_len)
+                .zip(out.chunks_exact_mut(co * out_plane))
+            {
+                pad_image(g, layout, image, padded);
+                padded16
+                    .par_chunks_mut(1 << 16)
+                    .zip(padded.par_chunks(1 << 16))
+                    .for_each(|(d, s)| bf16::convert(s, d));
+                for oy0 in (0..g.oh).step_by(band_rows) {
+                    let rows = band_rows.min(g.oh - oy0);
+                    let m = rows * g.ow;
+                    let cols = &mut cols[..m * width];
+                    fill_patch_rows(g, padded16, oy0, cols, width);
+                    let product_into =
+                        |dst: &mut [f32]| bf16::matmul(dst, co, cols, width, m, wt, true);
+                    match layout {
+                        ImageLayout::Planes => {
+                            let product = &mut product[..m * co];
+                            product_into(product);
+                            scatter_band(g, product, co, bias, oy0 * g.ow, dst);
+                        }
+                        ImageLayout::Pixels => {
+                            let band = &mut dst[oy0 * g.ow * co..(oy0 * g.ow + m) * co];
+                            product_into(band);
+                            add_bias_pixels(band, bias);
+                        }
+                    }
+                }
+            }
+        })
+    });
+    Ok(out)
+}
+
 /// Adds `bias[o]` to channel `o` of every pixel of the channels-last `values` (`[pixels, co]`).
 pub(super) fn add_bias_pixels(values: &mut [f32], bias: Option<&[f32]>) {
     let Some(bias) = bias else { return };
@@ -494,20 +601,33 @@ pub(super) fn pad_image(g: &Geometry, layout: ImageLayout, image: &[f32], padded
 /// Fills `cols` (`[rows·ow, kh·kw·c]`) with the patches of the output rows `oy0..oy0 + rows`,
 /// read from the padded channels-last image.
 fn fill_patches(g: &Geometry, padded: &[f32], oy0: usize, cols: &mut [f32]) {
+    fill_patch_rows(g, padded, oy0, cols, g.rows())
+}
+
+/// [`fill_patches`] of any element type, with patch rows `width` long (at least `kh·kw·c`; the
+/// values past the patch are set to the type's zero).
+fn fill_patch_rows<T: Copy + Default + Send + Sync>(
+    g: &Geometry,
+    padded: &[T],
+    oy0: usize,
+    cols: &mut [T],
+    width: usize,
+) {
     let c = g.channels;
     let k = g.rows();
     let wp = g.w + 2 * g.pad;
     // The kw taps of one kernel row are neighbouring pixels: one run of kw·c values.
     let run = g.kw * c;
-    cols.par_chunks_exact_mut(g.ow * k)
+    cols.par_chunks_exact_mut(g.ow * width)
         .enumerate()
         .for_each(|(r, band_row)| {
             let oy = oy0 + r;
-            for (ox, patch) in band_row.chunks_exact_mut(k).enumerate() {
+            for (ox, patch) in band_row.chunks_exact_mut(width).enumerate() {
                 for ky in 0..g.kh {
                     let start = ((oy * g.stride + ky) * wp + ox * g.stride) * c;
                     patch[ky * run..(ky + 1) * run].copy_from_slice(&padded[start..start + run]);
                 }
+                patch[k..].fill(T::default());
             }
         });
 }

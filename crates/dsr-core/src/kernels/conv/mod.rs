@@ -42,6 +42,7 @@ use channels_last::ImageLayout;
 
 pub(crate) use channels_last::{image_to_pixels, transpose_into};
 
+use crate::kernels::bf16::PackedB;
 use crate::kernels::nhwc::Nhwc;
 
 /// The largest patch matrix (in bytes) built at once; larger batches are processed in groups of
@@ -411,6 +412,7 @@ pub(crate) fn conv2d_with(
 ) -> candle_core::Result<Tensor> {
     let plan = Plan {
         winograd,
+        bf16: false,
         ..Plan::current()
     };
     conv2d_limited(xs, weight, bias, stride, padding, plan)
@@ -423,6 +425,11 @@ pub(crate) fn conv2d_with(
 #[derive(Debug, Clone, Default)]
 pub struct WeightCache {
     winograd: Arc<OnceLock<Vec<f32>>>,
+    /// The Winograd filters rounded to bf16 and packed (bf16 precision: the f32 ones are then
+    /// never kept).
+    winograd_bf16: Arc<OnceLock<Vec<PackedB>>>,
+    /// The tap-major weight matrix rounded to bf16 and packed, for the channels-last product.
+    patches_bf16: Arc<OnceLock<PackedB>>,
 }
 
 impl WeightCache {
@@ -441,6 +448,43 @@ impl WeightCache {
         // Two threads may both compute it; the first stored copy is kept (the same values).
         let _ = self.winograd.set(compute()?);
         f(self.winograd.get().expect("set just above"))
+    }
+
+    /// [`WeightCache::with_winograd_filters`] for bf16 products: the filters rounded to bf16
+    /// and packed ([`winograd::pack_filters_bf16`]).
+    fn with_winograd_bf16<R>(
+        &self,
+        weight: &Tensor,
+        f: impl FnOnce(&[PackedB]) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let (co, ci, _, _) = weight.dims4()?;
+        if let Some(u) = self.winograd_bf16.get() {
+            return f(u);
+        }
+        let packed = with_f32_data(weight, |w| {
+            let u = winograd::transformed_filters(w, ci, co);
+            Ok(winograd::pack_filters_bf16(&u, ci, co))
+        })?;
+        let _ = self.winograd_bf16.set(packed);
+        f(self.winograd_bf16.get().expect("set just above"))
+    }
+
+    /// The tap-major weight matrix of `weight` rounded to bf16 and packed for the channels-last
+    /// bf16 product ([`channels_last::pack_weight_bf16`]): from the cache when it is filled.
+    fn with_patches_bf16<R>(
+        &self,
+        weight: &Tensor,
+        f: impl FnOnce(&PackedB) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        if let Some(w) = self.patches_bf16.get() {
+            return f(w);
+        }
+        let co = weight.dim(0)?;
+        let packed = with_f32_data(&tap_major_matrix(weight)?, |w| {
+            Ok(channels_last::pack_weight_bf16(w, co))
+        })?;
+        let _ = self.patches_bf16.set(packed);
+        f(self.patches_bf16.get().expect("set just above"))
     }
 }
 
@@ -464,13 +508,14 @@ pub fn conv2d_cached(
 /// tensors too): the same kernels as the NCHW inference path, so the same bits, without the
 /// moves between layouts. Winograd's algorithm where [`winograd::pays_off`] and `winograd` is
 /// set (with the filters kept in `cache`, when given), the banded channels-last product where
-/// [`prefers_channels_last`], the NCHW patch-matrix product otherwise.
+/// [`prefers_channels_last`], the NCHW patch-matrix product otherwise; the first two with bf16
+/// products when `bf16` is set (the caller checks that the CPU has AVX512-BF16).
 pub(crate) fn conv2d_nhwc(
     xs: &Nhwc,
     weight: &Tensor,
     bias: Option<&Tensor>,
     (stride, padding): (usize, usize),
-    winograd: bool,
+    (winograd, bf16): (bool, bool),
     cache: Option<&WeightCache>,
 ) -> candle_core::Result<Nhwc> {
     let (co, ci, kh, kw) = weight.dims4()?;
@@ -484,11 +529,24 @@ pub(crate) fn conv2d_nhwc(
         candle_core::bail!("conv2d: channels-last images need untracked f32 CPU weights");
     }
     let g = Geometry::new(true, ci, (xs.h, xs.w), (kh, kw), stride, padding)?;
-    let data = if winograd && winograd::pays_off(&g) {
-        let fresh = WeightCache::default();
-        cache.unwrap_or(&fresh).with_winograd_filters(weight, |u| {
+    let fresh = WeightCache::default();
+    let cache_or_fresh = cache.unwrap_or(&fresh);
+    let data = if bf16 && winograd && winograd::pays_off(&g) {
+        cache_or_fresh.with_winograd_bf16(weight, |u| {
+            with_optional_f32_data(bias, |b| {
+                winograd::conv2d_forward_bf16(&g, &xs.data, u, co, b, ImageLayout::Pixels)
+            })
+        })?
+    } else if winograd && winograd::pays_off(&g) {
+        cache_or_fresh.with_winograd_filters(weight, |u| {
             with_optional_f32_data(bias, |b| {
                 winograd::conv2d_forward(&g, &xs.data, u, co, b, ImageLayout::Pixels)
+            })
+        })?
+    } else if bf16 && prefers_channels_last(g.oh * g.ow, co) {
+        cache_or_fresh.with_patches_bf16(weight, |w| {
+            with_optional_f32_data(bias, |b| {
+                channels_last::conv2d_forward_bf16(&g, &xs.data, w, co, b, ImageLayout::Pixels)
             })
         })?
     } else if prefers_channels_last(g.oh * g.ow, co) {
@@ -503,6 +561,7 @@ pub(crate) fn conv2d_nhwc(
         let plan = Plan {
             limit: COLS_BYTES_LIMIT,
             winograd,
+            bf16,
             cache,
         };
         let ys = conv2d_limited(&xs.to_tensor()?, weight, bias, stride, padding, plan)?;
@@ -524,6 +583,9 @@ struct Plan<'a> {
     limit: usize,
     /// Untracked 3×3 convolutions that suit it run by Winograd's algorithm.
     winograd: bool,
+    /// Untracked convolutions compute their Winograd and channels-last products in bf16 (set
+    /// only where the CPU has AVX512-BF16).
+    bf16: bool,
     /// Where the layer keeps its weight's transformed copies, if it does.
     cache: Option<&'a WeightCache>,
 }
@@ -534,6 +596,7 @@ impl Plan<'_> {
         Self {
             limit: COLS_BYTES_LIMIT,
             winograd: crate::exec::current().winograd(),
+            bf16: crate::exec::current().bf16(),
             cache: None,
         }
     }
@@ -551,6 +614,7 @@ fn conv2d_limited(
     let Plan {
         limit,
         winograd,
+        bf16,
         cache,
     } = plan;
     if !fast_path(xs, weight) {
@@ -566,9 +630,17 @@ fn conv2d_limited(
     // convolution; the weight is reordered to match.
     let g = Geometry::new(true, ci, (h, w), (kh, kw), stride, padding)?;
     let untracked = !xs.track_op() && !weight.track_op();
+    let fresh = WeightCache::default();
+    if untracked && bf16 && winograd && winograd::pays_off(&g) {
+        let shape = (xs.dim(0)?, co, g.oh, g.ow);
+        return cache.unwrap_or(&fresh).with_winograd_bf16(weight, |u| {
+            untracked_product(xs, bias, shape, |x, b| {
+                winograd::conv2d_forward_bf16(&g, x, u, co, b, ImageLayout::Planes)
+            })
+        });
+    }
     if untracked && winograd && winograd::pays_off(&g) {
         let shape = (xs.dim(0)?, co, g.oh, g.ow);
-        let fresh = WeightCache::default();
         return cache.unwrap_or(&fresh).with_winograd_filters(weight, |u| {
             untracked_channels_last(xs, u, bias, shape, |x, u, b| {
                 winograd::conv2d_forward(&g, x, u, co, b, ImageLayout::Planes)
@@ -605,11 +677,28 @@ fn conv2d_limited(
     if !prefers_channels_last(g.oh * g.ow, co) {
         return add_bias_fresh(nchw_product(Kind::Conv, g, limit, &xs, &wmat)?, bias);
     }
+    if bf16 {
+        return cache.unwrap_or(&fresh).with_patches_bf16(weight, |w| {
+            untracked_product(&xs, bias, shape, |x, b| {
+                channels_last::conv2d_forward_bf16(&g, x, w, co, b, ImageLayout::Planes)
+            })
+        });
+    }
     with_f32_data(&wmat, |wmat| {
         untracked_channels_last(&xs, wmat, bias, shape, |x, w, b| {
             channels_last::conv2d_forward(&g, x, w, co, b, ImageLayout::Planes)
         })
     })
+}
+
+/// [`untracked_channels_last`] of a kernel that holds its own weights: `kernel(x, bias)`.
+fn untracked_product(
+    xs: &Tensor,
+    bias: Option<&Tensor>,
+    shape: (usize, usize, usize, usize),
+    kernel: impl Fn(&[f32], Option<&[f32]>) -> candle_core::Result<Vec<f32>>,
+) -> candle_core::Result<Tensor> {
+    untracked_channels_last(xs, &[], bias, shape, |x, _, b| kernel(x, b))
 }
 
 /// Runs the channels-last `kernel(x, weights, bias)` on the plain tensor `xs` and the weight
@@ -1131,6 +1220,27 @@ fn conv_transpose2d_limited(
     })
 }
 
+/// GFLOP/s of gemm's f32 product `[m, k] · [k, n]` on one thread, `reps` times (for the bf16
+/// kernel's speed test).
+#[cfg(test)]
+pub(crate) fn speed_f32(m: usize, k: usize, n: usize, reps: usize) -> f64 {
+    use channels_last::{matmul, View};
+    let a = vec![0.5f32; m * k];
+    let b = vec![0.25f32; k * n];
+    let mut c = vec![0f32; m * n];
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        matmul(
+            &mut c,
+            View::rows(&a, m, k),
+            View::rows(&b, k, n),
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    (2 * m * n * k * reps) as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1190,6 +1300,7 @@ mod tests {
         Plan {
             limit,
             winograd: false,
+            bf16: false,
             cache: None,
         }
     }
@@ -1400,6 +1511,54 @@ mod tests {
         assert!(tracked.track_op());
         assert_eq!(plain.dims(), &[2, 6, 20, 18]);
         assert_eq!(values(&plain), values(&tracked));
+    }
+
+    #[test]
+    fn bf16_convolutions_stay_within_the_rounding_of_their_operands() {
+        if !crate::kernels::bf16::available() {
+            eprintln!("skipped: this CPU lacks AVX512-BF16");
+            return;
+        }
+        // Winograd (32 → 16 channels, 16×16), channels-last products with an odd patch length
+        // (3 channels) and with 8 → 16 channels; NCHW and channels-last images, kept weights.
+        for (n, c, co, (h, w)) in [
+            (2, 32, 16, (16, 16)),
+            (1, 3, 5, (9, 11)),
+            (2, 8, 16, (16, 16)),
+        ] {
+            let x = ramp(&[n, c, h, w], 1.0);
+            let wt = ramp(&[co, c, 3, 3], 0.3);
+            let b = ramp(&[co], 0.1);
+            // Σ |x|·|w| over a patch bounds each output's magnitude: the scale of the errors.
+            let scale = 9.0 * c as f32 * 0.5 * 0.15;
+            for winograd in [true, false] {
+                let plan = |bf16| Plan {
+                    limit: COLS_BYTES_LIMIT,
+                    winograd,
+                    bf16,
+                    cache: None,
+                };
+                let exact = conv2d_limited(&x, &wt, Some(&b), 1, 1, plan(false)).unwrap();
+                let fast = conv2d_limited(&x, &wt, Some(&b), 1, 1, plan(true)).unwrap();
+                let d = max_diff(&exact, &fast);
+                // Operands rounded to 8 bits (2·2⁻⁸ per product), Winograd's transforms scale
+                // neighbouring values by up to 5 and 8 (×40 at most; far less in practice).
+                let bound = if winograd { 40.0 } else { 1.0 } * 2.0 / 256.0 * scale;
+                assert!(
+                    d > 0.0 && d <= bound,
+                    "{n}×{c}→{co} {h}×{w} {winograd}: {d} > {bound}"
+                );
+                let cache = WeightCache::default();
+                let xs = Nhwc::from_tensor(&x).unwrap();
+                let pixels =
+                    conv2d_nhwc(&xs, &wt, Some(&b), (1, 1), (winograd, true), Some(&cache))
+                        .unwrap();
+                let again = conv2d_nhwc(&xs, &wt, Some(&b), (1, 1), (winograd, true), Some(&cache))
+                    .unwrap();
+                assert_eq!(pixels.data, again.data);
+                assert_eq!(values(&pixels.to_tensor().unwrap()), values(&fast));
+            }
+        }
     }
 
     #[test]

@@ -28,10 +28,11 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::channels_last::{
-    add_bias_pixels, image_to_pixels, matmul, pad_image, scatter_band, with_scratch, ImageLayout,
-    View,
+    add_bias_pixels, image_to_pixels, matmul, pad_image, scatter_band, with_bf16_scratch,
+    with_scratch, ImageLayout, View,
 };
 use super::{check_bias, Geometry};
+use crate::kernels::bf16::{self, PackedB};
 
 /// Output pixels per side of a tile.
 const OUT: usize = 4;
@@ -308,6 +309,52 @@ pub(super) fn conv2d_forward_banded(
     band_bytes: usize,
     layout: ImageLayout,
 ) -> candle_core::Result<Vec<f32>> {
+    forward(g, xs, Filters::F32(u), co, bias, band_bytes, layout)
+}
+
+/// [`transformed_filters`] (`[c, 36, co]`) rounded to bf16 and packed for the bf16 products:
+/// one `[c, co]` operand per element of the 6×6 block.
+pub(super) fn pack_filters_bf16(u: &[f32], c: usize, co: usize) -> Vec<PackedB> {
+    (0..BLOCK)
+        .into_par_iter()
+        .map(|e| PackedB::new(c, co, |ch, o| u[(ch * BLOCK + e) * co + o]))
+        .collect()
+}
+
+/// [`conv2d_forward`] with bf16 products ([`crate::kernels::bf16`]): the transformed inputs
+/// `V` are rounded to bf16 before each of the 36 products, `u` holds the
+/// [`pack_filters_bf16`] of the transformed filters; the transforms, sums and bias stay f32.
+/// Needs AVX512-BF16.
+pub(super) fn conv2d_forward_bf16(
+    g: &Geometry,
+    xs: &[f32],
+    u: &[PackedB],
+    co: usize,
+    bias: Option<&[f32]>,
+    layout: ImageLayout,
+) -> candle_core::Result<Vec<f32>> {
+    forward(g, xs, Filters::Bf16(u), co, bias, BAND_BYTES, layout)
+}
+
+/// The transformed filters of [`forward`], in the arithmetic of its products.
+#[derive(Clone, Copy)]
+enum Filters<'a> {
+    /// [`transformed_filters`]: f32 products through gemm.
+    F32(&'a [f32]),
+    /// [`pack_filters_bf16`]: bf16 products.
+    Bf16(&'a [PackedB]),
+}
+
+/// The forward of [`conv2d_forward_banded`] and [`conv2d_forward_bf16`].
+fn forward(
+    g: &Geometry,
+    xs: &[f32],
+    filters: Filters,
+    co: usize,
+    bias: Option<&[f32]>,
+    band_bytes: usize,
+    layout: ImageLayout,
+) -> candle_core::Result<Vec<f32>> {
     if !applies(g) {
         candle_core::bail!(
             "Winograd convolution: needs a 3×3 kernel, stride 1, padding 1 and an input whose \
@@ -322,11 +369,21 @@ pub(super) fn conv2d_forward_banded(
             xs.len()
         );
     }
-    if u.len() != c * BLOCK * co {
-        candle_core::bail!(
+    match filters {
+        Filters::F32(u) if u.len() != c * BLOCK * co => candle_core::bail!(
             "Winograd convolution: {} transformed filter values for {c} → {co} channels",
             u.len()
-        );
+        ),
+        Filters::Bf16(u) if u.len() != BLOCK || u.iter().any(|u| (u.k(), u.n()) != (c, co)) => {
+            candle_core::bail!(
+                "Winograd convolution: bf16 transformed filters that do not fit {c} → {co} \
+                 channels"
+            )
+        }
+        Filters::Bf16(_) if !bf16::available() => {
+            candle_core::bail!("bf16 convolutions need a CPU with AVX512-BF16")
+        }
+        _ => {}
     }
     if let Some(b) = bias {
         check_bias(b, co)?;
@@ -358,17 +415,37 @@ pub(super) fn conv2d_forward_banded(
                 // One product per block element, `[tiles, c] · [c, co]`, the 36 spread over
                 // the threads (each is too small to be worth splitting).
                 let m = &mut m[..BLOCK * tiles * co];
-                m.par_chunks_exact_mut(tiles * co)
-                    .enumerate()
-                    .for_each(|(e, dst)| {
-                        matmul(
-                            dst,
-                            View::strided(&v[e * c..], tiles, c, BLOCK * c, 1),
-                            View::strided(&u[e * co..], c, co, BLOCK * co, 1),
-                            false,
-                            Parallelism::None,
-                        )
-                    });
+                match filters {
+                    Filters::F32(u) => {
+                        m.par_chunks_exact_mut(tiles * co)
+                            .enumerate()
+                            .for_each(|(e, dst)| {
+                                matmul(
+                                    dst,
+                                    View::strided(&v[e * c..], tiles, c, BLOCK * c, 1),
+                                    View::strided(&u[e * co..], c, co, BLOCK * co, 1),
+                                    false,
+                                    Parallelism::None,
+                                )
+                            })
+                    }
+                    // The same products with V_e rounded to bf16 rows (even length) first.
+                    Filters::Bf16(u) => {
+                        m.par_chunks_exact_mut(tiles * co)
+                            .enumerate()
+                            .for_each(|(e, dst)| {
+                                let width = 2 * bf16::pairs(c);
+                                with_bf16_scratch(tiles * width, |a| {
+                                    for (t, row) in a.chunks_exact_mut(width).enumerate() {
+                                        let start = (t * BLOCK + e) * c;
+                                        bf16::convert(&v[start..start + c], &mut row[..c]);
+                                        row[c..].fill(0);
+                                    }
+                                    bf16::matmul(dst, co, a, width, tiles, &u[e], false)
+                                })
+                            })
+                    }
+                }
                 let m = &*m;
                 let untransform = |out: &mut [f32]| {
                     out.par_chunks_exact_mut(OUT * w * co)
