@@ -26,6 +26,9 @@ tables. Measurements (NAME: what; reference model at 256x256 unless said):
 
   infer-b1         inference, batch 1: images/s
   infer-b8         inference, batch 8: images/s
+  bf16-b1          inference with `--precision bf16` (AVX512-BF16 products), batch 1;
+                   skipped, with the reason, on a CPU without the instruction
+  bf16-b8          the same, batch 8
   phase2-b8        phase-2 training step, batch 8: seconds per step
   phase3-b8        phase-3 training step, batch 8: seconds per step
   small-phase2     phase-2 step of the small model (--preset small), 128x128, batch 8
@@ -72,9 +75,11 @@ const CRITERION: [&[&str]; 2] = [
 ];
 
 /// The names `--only` takes, in the order the measurements run.
-pub const NAMES: [&str; 12] = [
+pub const NAMES: [&str; 14] = [
     "infer-b1",
     "infer-b8",
+    "bf16-b1",
+    "bf16-b8",
     "phase2-b8",
     "phase3-b8",
     "small-phase2",
@@ -198,6 +203,8 @@ fn needs_onnx(name: &str) -> bool {
 pub enum Kind {
     /// The bench example's `infer`: images/s of the inference forward.
     Infer,
+    /// The bench example's `infer --precision bf16`: the same with bf16 products.
+    InferBf16,
     /// The bench example's `phase2`: seconds per phase-2 training step.
     Phase2,
     /// The bench example's `phase3`: seconds per phase-3 training step.
@@ -254,6 +261,7 @@ impl Case {
     pub fn label(&self) -> String {
         let what = match self.kind {
             Kind::Infer => "inference".to_string(),
+            Kind::InferBf16 => "inference, bf16 products".to_string(),
             Kind::Phase2 => "phase-2 step".to_string(),
             Kind::Phase3 => "phase-3 step".to_string(),
             Kind::Predict => "`dsr predict`, per image".to_string(),
@@ -297,6 +305,8 @@ pub fn cases(quick: bool) -> Vec<Case> {
     vec![
         case("infer-b1", Kind::Infer, 1),
         case("infer-b8", Kind::Infer, batch8),
+        case("bf16-b1", Kind::InferBf16, 1),
+        case("bf16-b8", Kind::InferBf16, batch8),
         case("phase2-b8", Kind::Phase2, batch8),
         case("phase3-b8", Kind::Phase3, batch8),
         small("small-phase2", Kind::Phase2),
@@ -613,9 +623,22 @@ impl Runner<'_> {
 
     /// Ours, by the bench example.
     fn ours(&mut self, mode: &str, batch: usize, size: usize, preset: &str) -> Result<Measurement> {
+        self.ours_with(mode, batch, size, preset, &[])
+    }
+
+    /// Ours, by the bench example, with extra arguments (e.g. `--precision bf16`).
+    fn ours_with(
+        &mut self,
+        mode: &str,
+        batch: usize,
+        size: usize,
+        preset: &str,
+        extra: &[&str],
+    ) -> Result<Measurement> {
         let mut cmd = Command::new(&self.bench);
         cmd.args(self.bench_args(mode, batch, size))
-            .args(["--preset", preset]);
+            .args(["--preset", preset])
+            .args(extra);
         self.measure(cmd)
     }
 
@@ -803,6 +826,10 @@ impl Runner<'_> {
             Kind::Infer | Kind::Phase2 | Kind::Phase3 => {
                 (self.ours(mode, b, s, p)?, self.torch(mode, b, s, p)?)
             }
+            Kind::InferBf16 => (
+                self.ours_with(mode, b, s, p, &["--precision", "bf16"])?,
+                self.torch(mode, b, s, p)?,
+            ),
             Kind::OnnxOurs | Kind::OnnxAnomalib => {
                 let model = self.onnx_model(case.kind, p, s)?;
                 let ort = self.onnx_runtime(&model, b, s)?;
@@ -930,9 +957,17 @@ pub fn run(opts: &Options) -> Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     for case in &chosen {
         eprintln!("measuring {}: {}…", case.name, case.label());
-        let row = runner
-            .run_case(case)
-            .with_context(|| format!("measuring {}", case.name))?;
+        let row = match runner.run_case(case) {
+            Ok(row) => row,
+            // bf16 needs AVX512-BF16: on a CPU without it the row is skipped, not the bench.
+            Err(e) if case.kind == Kind::InferBf16 => {
+                let reason = format!("{e:#}");
+                let last = reason.lines().last().unwrap_or("").trim();
+                println!("| {} | {} | skipped: {last} |", case.name, case.label());
+                continue;
+            }
+            Err(e) => return Err(e.context(format!("measuring {}", case.name))),
+        };
         println!("{}", row.line());
         std::io::stdout().flush().ok();
         rows.push(row);
@@ -1057,7 +1092,7 @@ mod tests {
     fn the_default_set_and_infer_only() {
         let names = |o: &Options| selected(o).iter().map(|c| c.name).collect::<Vec<_>>();
         let plain = parse(&[]).unwrap().unwrap();
-        assert_eq!(names(&plain), &NAMES[..8]);
+        assert_eq!(names(&plain), &NAMES[..10]);
         let with_onnx = parse(&["--onnx", "py"]).unwrap().unwrap();
         assert_eq!(names(&with_onnx), NAMES);
         let infer = parse(&["--infer-only", "--onnx", "py"]).unwrap().unwrap();
@@ -1066,6 +1101,8 @@ mod tests {
             [
                 "infer-b1",
                 "infer-b8",
+                "bf16-b1",
+                "bf16-b8",
                 "predict",
                 "first-map",
                 "onnx-b1",
@@ -1091,6 +1128,7 @@ mod tests {
         };
         assert_eq!(shape("infer-b1"), (Kind::Infer, 1, 256, "reference"));
         assert_eq!(shape("infer-b8"), (Kind::Infer, 8, 256, "reference"));
+        assert_eq!(shape("bf16-b8"), (Kind::InferBf16, 8, 256, "reference"));
         assert_eq!(shape("phase2-b8"), (Kind::Phase2, 8, 256, "reference"));
         assert_eq!(shape("phase3-b8"), (Kind::Phase3, 8, 256, "reference"));
         assert_eq!(shape("small-phase2"), (Kind::Phase2, 8, 128, "small"));
