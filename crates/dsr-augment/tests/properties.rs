@@ -217,7 +217,7 @@ fn bad_resolutions_and_channels_are_errors() {
 
 #[test]
 fn recipe_names_and_default() {
-    assert_eq!(Recipe::default(), Recipe::Original);
+    assert_eq!(Recipe::default(), Recipe::Anomalib);
     assert_eq!(
         serde_json::to_string(&Recipe::Anomalib).unwrap(),
         "\"anomalib\""

@@ -20,7 +20,7 @@ pub struct AugmentArgs {
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
     /// The recipe: original or anomalib.
-    #[arg(long, value_name = "RECIPE", default_value = "original")]
+    #[arg(long, value_name = "RECIPE", default_value = "anomalib")]
     pub recipe: Recipe,
     /// Samples per grid (1 to 4096; checked against the memory available).
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = crate::parse_batch)]

@@ -141,7 +141,7 @@ pub struct TrainOverrides {
     /// Phase-3 steps (original schedule). Default 50000.
     #[arg(long, value_name = "N")]
     pub phase3_steps: Option<u64>,
-    /// Synthetic-anomaly recipe: original or anomalib. Default original.
+    /// Synthetic-anomaly recipe: anomalib or original. Default anomalib.
     #[arg(long, value_name = "RECIPE")]
     pub recipe: Option<dsr_augment::Recipe>,
     /// Focal loss: original (on probabilities, the paper's) or anomalib (kornia's on

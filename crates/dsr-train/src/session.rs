@@ -1173,7 +1173,7 @@ mod tests {
             .with_overrides(&[
                 "train.schedule.phase2_steps=12".into(),
                 "train.adam.lr=1e-3".into(),
-                "train.recipe=anomalib".into(),
+                "train.recipe=original".into(),
                 "data.category=bottle".into(),
                 "train.model.embedding_dim=16".into(),
             ])
@@ -1183,7 +1183,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(cfg.train.adam.lr, 1e-3);
-        assert_eq!(cfg.train.recipe, dsr_augment::Recipe::Anomalib);
+        assert_eq!(cfg.train.recipe, dsr_augment::Recipe::Original);
         assert_eq!(cfg.data.category.as_deref(), Some("bottle"));
         // [pretrain] follows the model of [train].
         assert_eq!(cfg.pretrain.model.embedding_dim, 16);
