@@ -138,6 +138,48 @@ fn fixture_checkpoint(path: &Path, extra: &BTreeMap<String, String>) -> Result<(
     Ok(())
 }
 
+/// Writes the checkpoint `base` with a feature memory of its own features on the check's images
+/// (64 rows at an even stride, so most pixels lie at a distance from every row), a blend, and
+/// the combined map as output: the graph's feature-memory branch.
+fn memory_checkpoint(base: &Path, path: &Path) -> Result<()> {
+    use dsr_core::feature_memory::{FeatureMemory, MEMORY_ROWS_KEY, META_FEATURE_MEMORY};
+    let ckpt = load_checkpoint(base)?;
+    let cfg = ckpt.config.context("the checkpoint has no configuration")?;
+    let [h, w] = ckpt
+        .image_size
+        .context("the checkpoint has no image size")?;
+    let model = ckpt.build_model(&cfg, &candle_core::Device::Cpu)?;
+    let mut inputs = Vec::new();
+    for p in IMAGES {
+        let img = dsr_eval::image::load_image(
+            &root().join(p),
+            [h, w],
+            dsr_eval::image::DEFAULT_MAX_PIXELS,
+        )?;
+        inputs.extend_from_slice(&img.chw);
+    }
+    let x =
+        candle_core::Tensor::from_vec(inputs, (IMAGES.len(), 3, h, w), &candle_core::Device::Cpu)?;
+    let features = FeatureMemory::features(&model.discrete().encode(&x)?)?;
+    let memory = FeatureMemory::from_features(&[features], 64)?;
+    let mut tensors = ckpt.tensors.clone();
+    tensors.insert(MEMORY_ROWS_KEY.to_string(), memory.rows().clone());
+    let blend = json!({
+        "weight": 0.5,
+        "detection_mean": 0.5,
+        "detection_std": 0.2,
+        "memory_mean": 0.1,
+        "memory_std": 0.5,
+    });
+    let extra: BTreeMap<String, String> = [
+        (META_OUTPUT_MAP.to_string(), "combined".to_string()),
+        (META_FEATURE_MEMORY.to_string(), blend.to_string()),
+    ]
+    .into();
+    save_checkpoint(path, &tensors, &cfg, Some([h, w]), &extra)?;
+    Ok(())
+}
+
 /// One model's check: export, predict, the ONNX Runtime side; returns its report.
 /// What a model's check compares beyond the defaults: wider bounds for some outputs (with the
 /// reason) and the reference implementation's outputs.
@@ -198,6 +240,30 @@ fn check_model(
             .arg(&norm)
             .args(&images))?;
     }
+    // A map with the feature memory's distance (a square root of an expanded squared
+    // distance, ill-conditioned where a pixel's features nearly equal a remembered row) is held
+    // to 2e-3 of its validation range (raw) and 2e-3 normalised: at that conditioning ONNX
+    // Runtime's own map moves by about as much when the input moves by one float step
+    // (docs/deploy.md).
+    let mut tolerances = extra.tolerances.clone();
+    let mut why = extra.why.to_string();
+    if matches!(
+        ckpt.output_map()?,
+        dsr_core::OutputMap::Memory | dsr_core::OutputMap::Combined
+    ) {
+        let range = ckpt
+            .metadata
+            .get("dsr.postprocess")
+            .and_then(|j| serde_json::from_str::<Value>(j).ok())
+            .and_then(|p| Some(p["pixel_max"].as_f64()? - p["pixel_min"].as_f64()?))
+            .unwrap_or(0.5);
+        if !tolerances.is_object() {
+            tolerances = json!({});
+        }
+        tolerances["anomaly_map"] = json!(2e-3 * range.max(0.5));
+        tolerances["normalized_anomaly_map"] = json!(2e-3);
+        why = "feature-memory map: the distance's square root is ill-conditioned near zero; ONNX Runtime's own map moves by about as much under a one-float-step input change".to_string();
+    }
     let [h, w] = ckpt.image_size.unwrap_or(dsr_eval::DEFAULT_IMAGE_SIZE);
     let mut inputs = Vec::new();
     for p in &images {
@@ -216,8 +282,8 @@ fn check_model(
         "batches": [1, 4],
         "threads": 2,
         "tolerance": 1e-4,
-        "tolerances": extra.tolerances,
-        "why": extra.why,
+        "tolerances": tolerances,
+        "why": why,
         "reference": extra.reference,
         "report": report,
     });
@@ -311,6 +377,20 @@ pub fn run_check(opts: &Options) -> Result<()> {
             &variant,
             &dir,
             "fixture-detection-post",
+            &Extra::default(),
+        )?,
+    );
+    // The feature-memory branch: the combined map of the detection mask and the distances.
+    let variant = dir.join("fixture-combined-memory.safetensors");
+    memory_checkpoint(&fixture, &variant)?;
+    reports.insert(
+        "fixture-combined-memory".to_string(),
+        check_model(
+            &dsr,
+            &opts.python,
+            &variant,
+            &dir,
+            "fixture-combined-memory",
             &Extra::default(),
         )?,
     );

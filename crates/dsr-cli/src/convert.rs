@@ -54,7 +54,11 @@ fn discrete_shapes(cfg: &DsrConfig) -> Result<Vec<(String, Vec<usize>)>> {
 }
 
 /// Checks the tensors against `cfg`; returns whether they hold only the discrete model.
+/// A feature memory ([`dsr_core::feature_memory`]) is not a network weight: it is kept as it is.
 fn verify(path: &Path, tensors: &HashMap<String, Tensor>, cfg: &DsrConfig) -> Result<bool> {
+    let mut tensors = tensors.clone();
+    tensors.remove(dsr_core::feature_memory::MEMORY_ROWS_KEY);
+    let tensors = &tensors;
     if tensors.keys().all(|k| k.starts_with(DISCRETE_PREFIX)) {
         check_tensors(path, tensors, &discrete_shapes(cfg)?)?;
         Ok(true)

@@ -336,9 +336,29 @@ fn info(path: PathBuf) -> Result<()> {
             match map {
                 dsr_core::OutputMap::Refined => "the upsampling module's refined mask",
                 dsr_core::OutputMap::Detection => "the anomaly detection module's mask",
+                dsr_core::OutputMap::Memory =>
+                    "the distance to the feature memory of the training images",
+                dsr_core::OutputMap::Combined =>
+                    "the detection module's mask combined with the feature memory's distance",
             }
         ),
         Err(e) => println!("output map: not valid: {e}"),
+    }
+    match ckpt.feature_memory(&candle_core::Device::Cpu) {
+        Ok(Some(memory)) => println!(
+            "feature memory: {} features of {} channels{}",
+            memory.rows().dims()[0],
+            memory.channels(),
+            match memory.blend() {
+                Some(b) => format!(
+                    ", combined with distance weight {} (detection mean {:.4}, sd {:.4}; distance mean {:.4}, sd {:.4})",
+                    b.weight, b.detection_mean, b.detection_std, b.memory_mean, b.memory_std
+                ),
+                None => String::new(),
+            }
+        ),
+        Ok(None) => println!("feature memory: none"),
+        Err(e) => println!("feature memory: not valid: {e}"),
     }
     println!("tensors: {}", ckpt.tensors.len());
     let elements: usize = ckpt.tensors.values().map(|t| t.elem_count()).sum();

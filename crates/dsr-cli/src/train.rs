@@ -322,13 +322,9 @@ pub fn run_session(session: &Session, device: &Device, test: bool) -> Result<Run
             "resuming from {} after step {step}",
             path.display()
         )),
-        SessionEvent::OutputMap {
-            chosen,
-            refined,
-            detection,
-        } => {
+        SessionEvent::OutputMap { chosen, measured } => {
             progress.finish();
-            for (name, m) in [("refined", refined), ("detection", detection)] {
+            for (name, m) in measured {
                 println!(
                     "validation, {name} map: image AUROC {:.3}, pixel AUROC {:.3}, pixel AP {:.3}, AUPRO {:.3}",
                     m.image_auroc, m.pixel_auroc, m.pixel_ap, m.pixel_aupro

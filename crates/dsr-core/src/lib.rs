@@ -50,6 +50,7 @@ pub mod config;
 pub mod discrete;
 mod error;
 pub mod exec;
+pub mod feature_memory;
 pub mod files;
 pub mod init;
 pub mod kernels;

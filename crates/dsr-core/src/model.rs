@@ -13,6 +13,7 @@ use crate::anomaly_detection::AnomalyDetectionModule;
 use crate::config::validate_image_size;
 use crate::discrete::{DiscreteLatentModel, Encoded};
 use crate::exec::{self, Execution, Policy};
+use crate::feature_memory::FeatureMemory;
 use crate::layers::{avg_pool_same, max_pool, softmax_channels, upsample_nearest};
 use crate::quantizer::Quantized;
 use crate::reconstruction::ImageReconstructionNetwork;
@@ -53,6 +54,12 @@ pub enum OutputMap {
     Refined,
     /// The anomaly detection module's mask `M[:, 1]`.
     Detection,
+    /// The distance of each pixel's features to the nearest feature of the training images
+    /// ([`crate::feature_memory`]); needs a feature memory.
+    Memory,
+    /// The detection module's mask and the memory's distance map, each standardised and added
+    /// ([`crate::feature_memory::Blend`]); needs a feature memory with a fitted blend.
+    Combined,
 }
 
 impl OutputMap {
@@ -61,6 +68,8 @@ impl OutputMap {
         match self {
             OutputMap::Refined => "refined",
             OutputMap::Detection => "detection",
+            OutputMap::Memory => "memory",
+            OutputMap::Combined => "combined",
         }
     }
 }
@@ -78,8 +87,10 @@ impl std::str::FromStr for OutputMap {
         match s {
             "refined" => Ok(OutputMap::Refined),
             "detection" => Ok(OutputMap::Detection),
+            "memory" => Ok(OutputMap::Memory),
+            "combined" => Ok(OutputMap::Combined),
             other => Err(Error::Config(format!(
-                "output map '{other}' is not one of \"refined\" (the upsampling module's mask) or \"detection\" (the detection module's mask)"
+                "output map '{other}' is not one of \"refined\" (the upsampling module's mask), \"detection\" (the detection module's mask), \"memory\" (the feature memory's distance) or \"combined\" (detection and memory)"
             ))),
         }
     }
@@ -176,6 +187,7 @@ pub struct DsrModel {
     adm: AnomalyDetectionModule,
     ups: UpsamplingModule,
     output: OutputMap,
+    memory: Option<FeatureMemory>,
 }
 
 impl DsrModel {
@@ -238,6 +250,7 @@ impl DsrModel {
                 vb.pp("upsampling_module"),
             )?,
             output: OutputMap::Refined,
+            memory: None,
         })
     }
 
@@ -270,6 +283,40 @@ impl DsrModel {
     /// Which mask the model gives as its anomaly map.
     pub fn output_map(&self) -> OutputMap {
         self.output
+    }
+
+    /// The same model with a memory of training features ([`OutputMap::Memory`],
+    /// [`OutputMap::Combined`]).
+    pub fn with_feature_memory(mut self, memory: FeatureMemory) -> Self {
+        self.memory = Some(memory);
+        self
+    }
+
+    /// Its feature memory, if it has one.
+    pub fn feature_memory(&self) -> Option<&FeatureMemory> {
+        self.memory.as_ref()
+    }
+
+    /// The anomaly map `B×H×W` that [`DsrModel::output_map`] names, from the forward's parts.
+    fn output_of(&self, encoded: &Encoded, adm: &Tensor, ups: &Tensor) -> Result<Tensor> {
+        let memory = || {
+            self.memory.as_ref().ok_or_else(|| {
+                Error::Config(format!(
+                    "the model outputs the '{}' map but holds no feature memory",
+                    self.output
+                ))
+            })
+        };
+        let (_, _, h, w) = adm.dims4()?;
+        Ok(match self.output {
+            OutputMap::Refined => anomaly_map(ups)?,
+            OutputMap::Detection => anomaly_map(adm)?,
+            OutputMap::Memory => memory()?.distance_map(encoded, h, w)?,
+            OutputMap::Combined => {
+                let memory = memory()?;
+                memory.combine(&anomaly_map(adm)?, &memory.distance_map(encoded, h, w)?)?
+            }
+        })
     }
 
     /// The configuration.
@@ -347,10 +394,7 @@ impl DsrModel {
                 .forward(&obj_spec_image, &recon_image_general, &adm_softmax)?;
         let upsampling_softmax = softmax_channels(&upsampling_logits)?;
         let (score_avgpool, pred_score) = image_score(&adm_softmax)?;
-        let anomaly_map = match self.output {
-            OutputMap::Refined => anomaly_map(&upsampling_softmax)?,
-            OutputMap::Detection => anomaly_map(&adm_softmax)?,
-        };
+        let anomaly_map = self.output_of(&encoded, &adm_softmax, &upsampling_softmax)?;
         Ok(EvalTrace {
             encoded,
             quant_join_general,
@@ -404,10 +448,7 @@ impl DsrModel {
         let ups = softmax_channels(&self.ups.forward(&specific, &general, &adm)?)?;
         lap("upsampling module", &mut times);
         let (_, score) = image_score(&adm)?;
-        let map = match self.output {
-            OutputMap::Refined => anomaly_map(&ups)?,
-            OutputMap::Detection => anomaly_map(&adm)?,
-        };
+        let map = self.output_of(&encoded, &adm, &ups)?;
         // Read the outputs so that nothing is left pending.
         let _ = (score.to_vec1::<f32>()?, map.sum_all()?.to_scalar::<f32>()?);
         lap("score and map", &mut times);

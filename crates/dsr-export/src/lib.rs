@@ -173,13 +173,18 @@ pub fn export_checkpoint(ckpt: &Checkpoint, opts: &ExportOptions) -> Result<Mode
         path: path.clone(),
         source,
     };
-    check_tensors(
-        path,
-        &ckpt.tensors,
-        &cfg.state_dict_shapes().map_err(build)?,
-    )
-    .map_err(build)?;
     let output = ckpt.output_map().map_err(build)?;
+    // The feature memory (checked against the map it serves) enters the graph as a constant;
+    // the network's own tensors are checked against the configuration without it.
+    let memory = ckpt
+        .build_model(&cfg, &candle_core::Device::Cpu)
+        .map_err(build)?
+        .feature_memory()
+        .map(|m| m.blend());
+    let blend = memory.flatten();
+    let mut tensors = ckpt.tensors.clone();
+    tensors.remove(dsr_core::feature_memory::MEMORY_ROWS_KEY);
+    check_tensors(path, &tensors, &cfg.state_dict_shapes().map_err(build)?).map_err(build)?;
     let post = match ckpt.metadata.get(METADATA_KEY) {
         Some(json) => {
             Some(
@@ -194,7 +199,7 @@ pub fn export_checkpoint(ckpt: &Checkpoint, opts: &ExportOptions) -> Result<Mode
     };
 
     let mut g = GraphBuilder::new(&ckpt.tensors, opts.opset);
-    let out = g.dsr_forward(&cfg, INPUT, output, ANOMALY_MAP, PRED_SCORE)?;
+    let out = g.dsr_forward(&cfg, INPUT, output, blend, ANOMALY_MAP, PRED_SCORE)?;
     let n = (!opts.dynamic_batch).then_some(1);
     let mut outputs = vec![
         value_info(ANOMALY_MAP, DataType::FLOAT, &[n, Some(h), Some(w)]),

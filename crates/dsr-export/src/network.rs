@@ -9,6 +9,7 @@
 //! ties, as dsr-core) and `Gather`, the image score `AveragePool` 21×21 (zero padding counted)
 //! and `ReduceMax`.
 
+use dsr_core::feature_memory::{Blend, MEMORY_ROWS_KEY};
 use dsr_core::layers::INSTANCE_NORM_EPS;
 use dsr_core::model::SCORE_SMOOTHING_KERNEL;
 use dsr_core::{DsrConfig, OutputMap};
@@ -270,6 +271,100 @@ impl GraphBuilder<'_> {
         Ok(self.add(x, &diff, prefix))
     }
 
+    /// `x · mul + add` with f32 constants (candle's `affine`).
+    fn affine(&mut self, x: &str, mul: f64, add: f64, hint: &str) -> String {
+        let m = self.const_f32(&format!("dsr.const.{hint}_mul"), &[], &[mul as f32]);
+        let a = self.const_f32(&format!("dsr.const.{hint}_add"), &[], &[add as f32]);
+        let y = self.node("Mul", &[x, &m], vec![], hint);
+        self.node("Add", &[&y, &a], vec![], hint)
+    }
+
+    /// The feature memory's distance map `N×1×H×W` (dsr-core's `FeatureMemory::distance_map`):
+    /// features `cat(enc_b, nearest_up(enc_t))` averaged over 3×3 with replicated edges, the
+    /// expanded squared distance to every remembered row (`MatMul` broadcast over `N×h×w`),
+    /// `ReduceMin`, clamped at 0, `Sqrt`, nearest ×4.
+    fn memory_distance(&mut self, enc_b: &str, enc_t: &str) -> Result<String> {
+        let hint = "feature_memory";
+        let rows = self.weight(MEMORY_ROWS_KEY)?;
+        let nearest = |g: &mut Self, x: &str, factor: f32, name: &str| {
+            let scales = g.const_f32(name, &[4], &[1.0, 1.0, factor, factor]);
+            g.node(
+                "Resize",
+                &[x, "", &scales],
+                vec![
+                    ("mode", Attr::Str("nearest")),
+                    ("coordinate_transformation_mode", Attr::Str("asymmetric")),
+                    ("nearest_mode", Attr::Str("floor")),
+                ],
+                hint,
+            )
+        };
+        let up_t = nearest(self, enc_t, 2.0, "dsr.const.scales_nearest_x2");
+        let f = self.concat(&[enc_b, &up_t], hint);
+        let pads = self.const_i64("dsr.const.pads_hw_1", &[0, 0, 1, 1, 0, 0, 1, 1]);
+        let f = self.node("Pad", &[&f, &pads], vec![("mode", Attr::Str("edge"))], hint);
+        let f = self.node(
+            "AveragePool",
+            &[&f],
+            vec![
+                ("kernel_shape", Attr::Ints(vec![3, 3])),
+                ("strides", Attr::Ints(vec![1, 1])),
+            ],
+            hint,
+        );
+        let nhwc = self.node(
+            "Transpose",
+            &[&f],
+            vec![("perm", Attr::Ints(vec![0, 2, 3, 1]))],
+            hint,
+        );
+        let rows_t = self.node(
+            "Transpose",
+            &[&rows],
+            vec![("perm", Attr::Ints(vec![1, 0]))],
+            hint,
+        );
+        let rsq = self.node("Mul", &[&rows, &rows], vec![], hint);
+        let row_norms = self.reduce_sum_axis1(&rsq, false, hint);
+        let dots = self.node("MatMul", &[&nhwc, &rows_t], vec![], hint);
+        let minus_two = self.const_f32("dsr.const.minus_two", &[], &[-2.0]);
+        let dots = self.node("Mul", &[&dots, &minus_two], vec![], hint);
+        let qsq = self.node("Mul", &[&nhwc, &nhwc], vec![], hint);
+        let axis3 = self.const_i64("dsr.const.axis_3", &[3]);
+        let qn = self.node(
+            "ReduceSum",
+            &[&qsq, &axis3],
+            vec![("keepdims", Attr::Int(1))],
+            hint,
+        );
+        let d2 = self.add(&dots, &qn, hint);
+        let d2 = self.add(&d2, &row_norms, hint);
+        let min = if self.opset >= 18 {
+            self.node(
+                "ReduceMin",
+                &[&d2, &axis3],
+                vec![("keepdims", Attr::Int(1))],
+                hint,
+            )
+        } else {
+            self.node(
+                "ReduceMin",
+                &[&d2],
+                vec![("axes", Attr::Ints(vec![3])), ("keepdims", Attr::Int(1))],
+                hint,
+            )
+        };
+        let min = self.relu(&min, hint);
+        let dist = self.node("Sqrt", &[&min], vec![], hint);
+        let nchw = self.node(
+            "Transpose",
+            &[&dist],
+            vec![("perm", Attr::Ints(vec![0, 3, 1, 2]))],
+            hint,
+        );
+        Ok(nearest(self, &nchw, 4.0, "dsr.const.scales_nearest_x4"))
+    }
+
     /// Channel 1 of a `N×2×H×W` tensor, kept as `N×1×H×W`.
     fn channel1(&mut self, x: &str, hint: &str) -> String {
         let one = self.const_i64("dsr.const.axis_1", &[1]);
@@ -288,6 +383,7 @@ impl GraphBuilder<'_> {
         cfg: &DsrConfig,
         image: &str,
         output: OutputMap,
+        blend: Option<Blend>,
         map_name: &str,
         score_name: &str,
     ) -> Result<Outputs> {
@@ -390,12 +486,27 @@ impl GraphBuilder<'_> {
                 score_name,
             );
         }
-        // The anomaly map: channel 1 of the mask the checkpoint names.
-        let source = match output {
-            OutputMap::Refined => refined,
-            OutputMap::Detection => mask,
+        // The anomaly map: channel 1 of the mask the checkpoint names, or the feature memory's.
+        let m = match output {
+            OutputMap::Refined => self.channel1(&refined, "map"),
+            OutputMap::Detection => self.channel1(&mask, "map"),
+            OutputMap::Memory => self.memory_distance(&enc_b, &enc_t)?,
+            OutputMap::Combined => {
+                let b = blend.ok_or_else(|| {
+                    crate::ExportError::Graph(
+                        "the combined map needs the feature memory's blend".into(),
+                    )
+                })?;
+                let det = self.channel1(&mask, "map");
+                let dist = self.memory_distance(&enc_b, &enc_t)?;
+                // dsr-core's FeatureMemory::combine: two affine maps, then their sum.
+                let ds = 1.0 / f64::from(b.detection_std);
+                let det = self.affine(&det, ds, -f64::from(b.detection_mean) * ds, "combined_det");
+                let w = f64::from(b.weight) / f64::from(b.memory_std);
+                let dist = self.affine(&dist, w, -f64::from(b.memory_mean) * w, "combined_mem");
+                self.add(&det, &dist, "combined")
+            }
         };
-        let m = self.channel1(&source, "map");
         let axes = self.const_i64("dsr.const.axis_1", &[1]);
         self.node_to("Squeeze", &[&m, &axes], vec![], map_name);
         Ok(Outputs {

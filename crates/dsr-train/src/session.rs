@@ -267,17 +267,35 @@ impl VqSection {
     }
 }
 
-/// Which mask the trained model outputs as its anomaly map (`output.map`).
+/// Which map the trained model outputs as its anomaly map (`output.map`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MapChoice {
-    /// The better of the two on the validation set ([`choose_map`]).
+    /// The best one on the validation set ([`choose_candidate`]).
     #[default]
     Auto,
     /// The upsampling module's refined mask (the reference's output).
     Refined,
     /// The anomaly detection module's own mask.
     Detection,
+    /// The feature memory's distance map (needs `output.feature_memory`).
+    Memory,
+    /// The detection mask and the memory's distance map combined, with the blend weight that
+    /// is best on the validation set (needs `output.feature_memory`).
+    Combined,
+}
+
+impl MapChoice {
+    /// Its name in the run configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            MapChoice::Auto => "auto",
+            MapChoice::Refined => "refined",
+            MapChoice::Detection => "detection",
+            MapChoice::Memory => "memory",
+            MapChoice::Combined => "combined",
+        }
+    }
 }
 
 /// Where results go and how often checkpoints are written.
@@ -288,10 +306,13 @@ pub struct OutputSection {
     pub results: PathBuf,
     /// Write `weights/last.safetensors` every this many phase-2/3 steps (and at the end).
     pub checkpoint_every: u64,
-    /// The anomaly map the model outputs: `"auto"` (both are measured on the validation set
-    /// and the better one is kept), `"refined"` or `"detection"`. Recorded in the model file
-    /// (`dsr.output_map`).
+    /// The anomaly map the model outputs: `"auto"` (every map is measured on the validation
+    /// set and the best one is kept), `"refined"`, `"detection"`, `"memory"` or `"combined"`.
+    /// Recorded in the model file (`dsr.output_map`).
     pub map: MapChoice,
+    /// Keep a memory of the training images' features in the model
+    /// ([`dsr_core::feature_memory`]), so that the memory and combined maps are measured too.
+    pub feature_memory: bool,
 }
 
 impl Default for OutputSection {
@@ -300,33 +321,164 @@ impl Default for OutputSection {
             results: PathBuf::from("results"),
             checkpoint_every: 100,
             map: MapChoice::Auto,
+            feature_memory: true,
         }
     }
 }
 
 /// The summed pixel figures (pixel AUROC + pixel AP + AUPRO) by which `output.map = "auto"`
-/// compares the two maps; the image score does not depend on the map.
+/// compares the maps; the image score does not depend on the map.
 pub fn map_quality(m: &dsr_eval::Metrics) -> f64 {
     m.pixel_auroc + m.pixel_ap + m.pixel_aupro
 }
 
-/// The map to output under `choice`, from the validation metrics of the refined and the
-/// detection map: for [`MapChoice::Auto`] the detection map when phase 3 took no step (the
-/// upsampling module is untrained), else the one with the higher [`map_quality`] (the refined
-/// one on a tie or when a figure is undefined).
-pub fn choose_map(
-    choice: MapChoice,
-    refined: &dsr_eval::Metrics,
-    detection: &dsr_eval::Metrics,
-    phase3_trained: bool,
-) -> OutputMap {
-    match choice {
-        MapChoice::Refined => OutputMap::Refined,
-        MapChoice::Detection => OutputMap::Detection,
-        MapChoice::Auto if !phase3_trained => OutputMap::Detection,
-        MapChoice::Auto if map_quality(detection) > map_quality(refined) => OutputMap::Detection,
-        MapChoice::Auto => OutputMap::Refined,
+/// The weights of the distance map tried for the combined map (chosen on validation).
+pub const BLEND_WEIGHTS: [f32; 3] = [0.5, 1.0, 2.0];
+
+/// One map measured on the validation set.
+#[derive(Debug, Clone)]
+pub struct MapCandidate {
+    /// Which map.
+    pub map: OutputMap,
+    /// Its blend, for the combined map.
+    pub blend: Option<dsr_core::feature_memory::Blend>,
+    /// The validation predictions with this map.
+    pub evaluation: Evaluation,
+    /// The post-processor fitted on them.
+    pub postprocess: PostProcessor,
+    /// The validation metrics.
+    pub metrics: Metrics,
+}
+
+impl MapCandidate {
+    /// Fits the post-processor on `evaluation` and measures it.
+    pub fn measure(
+        map: OutputMap,
+        blend: Option<dsr_core::feature_memory::Blend>,
+        evaluation: Evaluation,
+    ) -> Result<Self> {
+        let postprocess = evaluation.fit_postprocessor()?;
+        let metrics = evaluation.metrics(&postprocess)?;
+        Ok(Self {
+            map,
+            blend,
+            evaluation,
+            postprocess,
+            metrics,
+        })
     }
+
+    /// Its name in reports: the map's, with the blend weight for the combined map.
+    pub fn label(&self) -> String {
+        match self.blend {
+            Some(b) => format!("{} (memory weight {})", self.map, b.weight),
+            None => self.map.to_string(),
+        }
+    }
+}
+
+/// The index of the map to output under `choice`: for [`MapChoice::Auto`] the candidate of the
+/// highest [`map_quality`], leaving out the refined map when phase 3 took no step (the
+/// upsampling module is untrained); the earlier candidate on a tie or an undefined figure. For
+/// [`MapChoice::Combined`] the best of the combined candidates. `None` when no candidate fits.
+pub fn choose_candidate(
+    choice: MapChoice,
+    candidates: &[MapCandidate],
+    phase3_trained: bool,
+) -> Option<usize> {
+    let allowed = |c: &MapCandidate| match choice {
+        MapChoice::Auto => phase3_trained || c.map != OutputMap::Refined,
+        MapChoice::Refined => c.map == OutputMap::Refined,
+        MapChoice::Detection => c.map == OutputMap::Detection,
+        MapChoice::Memory => c.map == OutputMap::Memory,
+        MapChoice::Combined => c.map == OutputMap::Combined,
+    };
+    let mut best: Option<(usize, f64)> = None;
+    for (i, c) in candidates.iter().enumerate().filter(|(_, c)| allowed(c)) {
+        let q = map_quality(&c.metrics);
+        match best {
+            None => best = Some((i, q)),
+            Some((_, bq)) if q > bq => best = Some((i, q)),
+            Some(_) => {}
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// Mean and standard deviation of the map values of the defect-free images of `ev`; `None`
+/// when it has none or the values do not vary.
+fn normal_statistics(ev: &Evaluation) -> Option<(f32, f32)> {
+    let px = ev.size[0] * ev.size[1];
+    let (mut n, mut sum, mut sq) = (0f64, 0f64, 0f64);
+    for (map, _) in ev.maps.chunks(px).zip(&ev.labels).filter(|(_, &l)| !l) {
+        for &v in map {
+            n += 1.0;
+            sum += f64::from(v);
+            sq += f64::from(v) * f64::from(v);
+        }
+    }
+    if n == 0.0 {
+        return None;
+    }
+    let mean = sum / n;
+    let std = (sq / n - mean * mean).max(0.0).sqrt();
+    (std > 1e-12 && std.is_finite()).then_some((mean as f32, std as f32))
+}
+
+/// The blends to try for the combined map ([`BLEND_WEIGHTS`]), standardised on the defect-free
+/// validation images of the detection and distance evaluations; none when either cannot be
+/// standardised.
+pub fn blends(
+    detection: &Evaluation,
+    distance: &Evaluation,
+) -> Vec<dsr_core::feature_memory::Blend> {
+    match (normal_statistics(detection), normal_statistics(distance)) {
+        (Some((dm, ds)), Some((mm, ms))) => BLEND_WEIGHTS
+            .iter()
+            .map(|&weight| dsr_core::feature_memory::Blend {
+                weight,
+                detection_mean: dm,
+                detection_std: ds,
+                memory_mean: mm,
+                memory_std: ms,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The combined map of `memory` (with its blend) from flat detection and distance maps, by
+/// the same tensor arithmetic as inference.
+fn combine_maps(
+    memory: &dsr_core::feature_memory::FeatureMemory,
+    detection: &[f32],
+    distance: &[f32],
+) -> Result<Vec<f32>> {
+    let dev = Device::Cpu;
+    let memory = memory.to_device(&dev)?;
+    let d = candle_core::Tensor::from_slice(detection, (1, detection.len()), &dev)?;
+    let m = candle_core::Tensor::from_slice(distance, (1, distance.len()), &dev)?;
+    Ok(memory.combine(&d, &m)?.flatten_all()?.to_vec1()?)
+}
+
+/// The feature memory of `model`'s discrete model on the training `images`, encoded in batches
+/// of `batch` on `device`, at most [`dsr_core::feature_memory::DEFAULT_CAPACITY`] rows.
+pub fn feature_memory_of(
+    model: &dsr_core::DsrModel,
+    images: &dsr_augment::ImageBatch,
+    batch: usize,
+    device: &Device,
+) -> Result<dsr_core::feature_memory::FeatureMemory> {
+    use dsr_core::feature_memory::{FeatureMemory, DEFAULT_CAPACITY};
+    let per = images.c * images.h * images.w;
+    let mut features = Vec::new();
+    for chunk in images.data.chunks(per * batch.max(1)) {
+        let n = chunk.len() / per;
+        let x = candle_core::Tensor::from_slice(chunk, (n, images.c, images.h, images.w), device)?;
+        let encoded = model.discrete().encode(&x)?;
+        features.push(FeatureMemory::features(&encoded)?);
+    }
+    Ok(FeatureMemory::from_features(&features, DEFAULT_CAPACITY)?)
 }
 
 /// Everything that defines a training run; the `config.toml` of a run folder.
@@ -452,6 +604,14 @@ impl RunConfig {
                     h.min(w)
                 )));
             }
+        }
+        if matches!(self.output.map, MapChoice::Memory | MapChoice::Combined)
+            && !self.output.feature_memory
+        {
+            return Err(config_error(format!(
+                "output.map = \"{}\" needs the feature memory: set output.feature_memory = true or choose another map",
+                self.output.map.name()
+            )));
         }
         let ratio = self.data.normal_split_ratio;
         if !(ratio.is_finite() && (0.0..1.0).contains(&ratio)) {
@@ -706,14 +866,12 @@ pub enum SessionEvent {
         /// Steps already taken.
         step: u64,
     },
-    /// Both maps were measured on the validation set and one was chosen as the output.
+    /// Every map was measured on the validation set and one was chosen as the output.
     OutputMap {
-        /// The map the model outputs.
-        chosen: OutputMap,
-        /// Validation metrics of the refined map.
-        refined: Box<dsr_eval::Metrics>,
-        /// Validation metrics of the detection module's map.
-        detection: Box<dsr_eval::Metrics>,
+        /// The map the model outputs ([`MapCandidate::label`]).
+        chosen: String,
+        /// Each measured map and its validation metrics, in the order they were measured.
+        measured: Vec<(String, dsr_eval::Metrics)>,
     },
     /// The validation finished and the final model was written.
     Finished {
@@ -907,23 +1065,48 @@ impl Session {
             }
         }
 
-        // Both maps are measured on the validation set; the model outputs the chosen one.
-        let model = trainer.inference_model()?;
+        // Every map is measured on the validation set; the model outputs the chosen one.
+        let mut model = trainer.inference_model()?;
+        if cfg.output.feature_memory {
+            let train_images = self.load_training_images(&splits.train, size, &mut |_| {})?;
+            let memory = feature_memory_of(&model, &train_images, cfg.data.eval_batch, device)?;
+            model = model.with_feature_memory(memory);
+        }
         let options = EvalOptions {
             batch: cfg.data.eval_batch,
             ..EvalOptions::default()
         };
-        let eval_map = |map: OutputMap| -> Result<(Evaluation, PostProcessor, Metrics)> {
+        let eval_map = |map: OutputMap| -> Result<Evaluation> {
             let validator = Detector::new(model.clone().with_output_map(map), size, None, device)?;
-            let validation = evaluate(&validator, samples_of(&splits.val), &options)?;
-            let postprocess = validation.fit_postprocessor()?;
-            let metrics = validation.metrics(&postprocess)?;
-            Ok((validation, postprocess, metrics))
+            Ok(evaluate(&validator, samples_of(&splits.val), &options)?)
         };
-        let evaluated = eval_map(OutputMap::Refined)
-            .and_then(|refined| Ok((refined, eval_map(OutputMap::Detection)?)));
-        let (refined, detection) = match evaluated {
-            Ok(both) => both,
+        let evaluated = (|| -> Result<Vec<MapCandidate>> {
+            let mut maps = vec![OutputMap::Refined, OutputMap::Detection];
+            if cfg.output.feature_memory {
+                maps.push(OutputMap::Memory);
+            }
+            let evaluations = maps
+                .iter()
+                .map(|&m| eval_map(m))
+                .collect::<Result<Vec<_>>>()?;
+            let mut candidates = Vec::new();
+            for (&map, ev) in maps.iter().zip(&evaluations) {
+                candidates.push(MapCandidate::measure(map, None, ev.clone())?);
+            }
+            if let (Some(memory), [_, detection, distance]) =
+                (model.feature_memory(), evaluations.as_slice())
+            {
+                for blend in blends(detection, distance) {
+                    let memory = memory.clone().with_blend(blend);
+                    let mut ev = detection.clone();
+                    ev.maps = combine_maps(&memory, &detection.maps, &distance.maps)?;
+                    candidates.push(MapCandidate::measure(OutputMap::Combined, Some(blend), ev)?);
+                }
+            }
+            Ok(candidates)
+        })();
+        let candidates = match evaluated {
+            Ok(c) => c,
             Err(e) => {
                 // The trained model is not thrown away: it is written without thresholds (the
                 // map of the modules trained), then the problem is reported.
@@ -949,27 +1132,43 @@ impl Session {
                 });
             }
         };
-        let output_map = choose_map(
-            cfg.output.map,
-            &refined.2,
-            &detection.2,
-            plan.phase3_steps > 0,
-        );
-        let maps = serde_json::json!({
-            "refined": refined.2,
-            "detection": detection.2,
-        });
+        let chosen = choose_candidate(cfg.output.map, &candidates, plan.phase3_steps > 0)
+            .ok_or_else(|| {
+                config_error(format!(
+                    "output.map = \"{}\" was not measured (the feature memory is off, or the validation set has no defect-free image to fit the combined map on)",
+                    cfg.output.map.name()
+                ))
+            })?;
+        let maps: serde_json::Map<String, serde_json::Value> = candidates
+            .iter()
+            .map(|c| (c.label(), serde_json::json!(c.metrics)))
+            .collect();
         on_event(&SessionEvent::OutputMap {
-            chosen: output_map,
-            refined: Box::new(refined.2),
-            detection: Box::new(detection.2),
+            chosen: candidates[chosen].label(),
+            measured: candidates.iter().map(|c| (c.label(), c.metrics)).collect(),
         });
-        let (validation, postprocess, metrics) = match output_map {
-            OutputMap::Refined => refined,
-            OutputMap::Detection => detection,
-        };
+        let MapCandidate {
+            map: output_map,
+            blend,
+            evaluation: validation,
+            postprocess,
+            metrics,
+        } = candidates.into_iter().nth(chosen).expect("chosen index");
+        let mut tensors = trainer.model_tensors();
+        if let Some(memory) = model.feature_memory() {
+            tensors.insert(
+                dsr_core::feature_memory::MEMORY_ROWS_KEY.to_string(),
+                memory.rows().to_device(&Device::Cpu)?,
+            );
+        }
         let mut extra = BTreeMap::new();
         extra.insert(META_OUTPUT_MAP.to_string(), output_map.to_string());
+        if let Some(blend) = blend {
+            extra.insert(
+                dsr_core::feature_memory::META_FEATURE_MEMORY.to_string(),
+                serde_json::to_string(&blend).map_err(|e| config_error(e.to_string()))?,
+            );
+        }
         extra.insert(
             METADATA_KEY.to_string(),
             postprocess
@@ -1006,13 +1205,7 @@ impl Session {
                 .as_bytes(),
         )?;
         let model = self.dir.model_path();
-        save_checkpoint(
-            &model,
-            &trainer.model_tensors(),
-            &cfg.train.model,
-            Some(size),
-            &extra,
-        )?;
+        save_checkpoint(&model, &tensors, &cfg.train.model, Some(size), &extra)?;
         on_event(&SessionEvent::Finished {
             model: model.clone(),
         });
@@ -1208,23 +1401,76 @@ mod tests {
         };
         let weak = metrics(0.70, 0.20, 0.40);
         let strong = metrics(0.80, 0.25, 0.45);
+        let strongest = metrics(0.85, 0.30, 0.50);
         assert!((map_quality(&strong) - 1.5).abs() < 1e-12);
+        let ev = Evaluation {
+            samples: Vec::new(),
+            size: [1, 1],
+            scores: Vec::new(),
+            labels: Vec::new(),
+            maps: Vec::new(),
+            masks: Vec::new(),
+            skipped: Vec::new(),
+            seconds: 0.0,
+        };
+        let post = PostProcessor {
+            image_threshold: 0.5,
+            pixel_threshold: 0.5,
+            image_min: 0.0,
+            image_max: 1.0,
+            pixel_min: 0.0,
+            pixel_max: 1.0,
+        };
+        let blend = dsr_core::feature_memory::Blend {
+            weight: 1.0,
+            detection_mean: 0.0,
+            detection_std: 1.0,
+            memory_mean: 0.0,
+            memory_std: 1.0,
+        };
+        let cand = |map: OutputMap, m: &Metrics| MapCandidate {
+            map,
+            blend: (map == OutputMap::Combined).then_some(blend),
+            evaluation: ev.clone(),
+            postprocess: post,
+            metrics: *m,
+        };
         use MapChoice::*;
-        assert_eq!(choose_map(Auto, &weak, &strong, true), OutputMap::Detection);
-        assert_eq!(choose_map(Auto, &strong, &weak, true), OutputMap::Refined);
-        assert_eq!(choose_map(Auto, &weak, &weak, true), OutputMap::Refined);
+        let two = |r: &Metrics, d: &Metrics| {
+            vec![cand(OutputMap::Refined, r), cand(OutputMap::Detection, d)]
+        };
+        assert_eq!(choose_candidate(Auto, &two(&weak, &strong), true), Some(1));
+        assert_eq!(choose_candidate(Auto, &two(&strong, &weak), true), Some(0));
+        assert_eq!(choose_candidate(Auto, &two(&weak, &weak), true), Some(0));
+        assert_eq!(choose_candidate(Auto, &two(&strong, &weak), false), Some(1));
         assert_eq!(
-            choose_map(Auto, &strong, &weak, false),
-            OutputMap::Detection
+            choose_candidate(Refined, &two(&weak, &strong), true),
+            Some(0)
         );
         assert_eq!(
-            choose_map(Refined, &weak, &strong, true),
-            OutputMap::Refined
+            choose_candidate(Detection, &two(&strong, &weak), true),
+            Some(1)
         );
-        assert_eq!(
-            choose_map(Detection, &strong, &weak, true),
-            OutputMap::Detection
-        );
+        assert_eq!(choose_candidate(Memory, &two(&strong, &weak), true), None);
+        let all = vec![
+            cand(OutputMap::Refined, &weak),
+            cand(OutputMap::Detection, &strong),
+            cand(OutputMap::Memory, &weak),
+            cand(OutputMap::Combined, &weak),
+            cand(OutputMap::Combined, &strongest),
+        ];
+        assert_eq!(choose_candidate(Auto, &all, false), Some(4));
+        assert_eq!(choose_candidate(Combined, &all, true), Some(4));
+        assert_eq!(choose_candidate(Memory, &all, true), Some(2));
+        assert_eq!(all[4].label(), "combined (memory weight 1)");
+        assert_eq!(all[1].label(), "detection");
+        let off = RunConfig::default()
+            .with_overrides(&[
+                "output.map=\"combined\"".to_string(),
+                "output.feature_memory=false".to_string(),
+            ])
+            .and_then(|c| c.validate().map(|_| c));
+        assert!(off.is_err());
         let cfg = RunConfig::default()
             .with_overrides(&["output.map=\"detection\"".to_string()])
             .unwrap();

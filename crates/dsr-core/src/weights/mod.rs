@@ -31,6 +31,7 @@ pub use self::torch::{
     MAX_COMPRESSION_RATIO, MAX_PICKLE_BYTES,
 };
 pub use crate::atomic::{is_temp_file, temp_file_owner_alive, write_atomic};
+use crate::feature_memory::{Blend, FeatureMemory, MEMORY_ROWS_KEY, META_FEATURE_MEMORY};
 use crate::model::OutputMap;
 use crate::{DsrConfig, DsrModel, Error, Execution, Result};
 
@@ -38,7 +39,8 @@ use crate::{DsrConfig, DsrModel, Error, Execution, Result};
 pub const META_CONFIG: &str = "dsr.config";
 /// Metadata key of the training image size (JSON `[H, W]`) in our checkpoints.
 pub const META_IMAGE_SIZE: &str = "dsr.image_size";
-/// Metadata key of the mask a model gives as its anomaly map (`"refined"` or `"detection"`,
+/// Metadata key of the map a model gives as its anomaly map (`"refined"`, `"detection"`,
+/// `"memory"` or `"combined"`,
 /// see [`crate::model::OutputMap`]); absent means `"refined"`, the reference.
 pub const META_OUTPUT_MAP: &str = "dsr.output_map";
 /// Metadata key naming the file a checkpoint was converted from.
@@ -277,10 +279,88 @@ impl Checkpoint {
     /// Builds a [`DsrModel`] (inference constants) after checking every key and shape against
     /// `cfg`; it outputs the map the checkpoint records ([`Checkpoint::output_map`]).
     pub fn build_model(&self, cfg: &DsrConfig, device: &Device) -> Result<DsrModel> {
-        check_tensors(&self.path, &self.tensors, &cfg.state_dict_shapes()?)?;
+        let (tensors, memory) = self.split_memory(device)?;
+        check_tensors(&self.path, &tensors, &cfg.state_dict_shapes()?)?;
         let output = self.output_map()?;
-        let vb = VarBuilder::from_tensors(self.tensors.clone(), DType::F32, device);
-        Ok(DsrModel::new(cfg, vb)?.with_output_map(output))
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let model = DsrModel::new(cfg, vb)?.with_output_map(output);
+        self.attach_memory(model, memory, cfg)
+    }
+
+    /// The feature memory the file holds ([`MEMORY_ROWS_KEY`], with the blend of
+    /// [`META_FEATURE_MEMORY`] when recorded), if any, on `device`.
+    pub fn feature_memory(&self, device: &Device) -> Result<Option<FeatureMemory>> {
+        Ok(self.split_memory(device)?.1)
+    }
+
+    /// The model's own tensors (every key but the feature memory's) and the feature memory.
+    fn split_memory(
+        &self,
+        device: &Device,
+    ) -> Result<(HashMap<String, Tensor>, Option<FeatureMemory>)> {
+        let mut tensors = self.tensors.clone();
+        let memory = match tensors.remove(MEMORY_ROWS_KEY) {
+            None => None,
+            Some(rows) => {
+                let memory = FeatureMemory::new(rows.to_device(device)?)
+                    .map_err(|e| Error::weights(&self.path, e.to_string()))?;
+                match self.metadata.get(META_FEATURE_MEMORY) {
+                    None => Some(memory),
+                    Some(text) => {
+                        let blend: Blend = serde_json::from_str(text).map_err(|e| {
+                            Error::weights(
+                                &self.path,
+                                format!("metadata '{META_FEATURE_MEMORY}' is not a blend: {e}"),
+                            )
+                        })?;
+                        blend
+                            .validate(&format!("metadata '{META_FEATURE_MEMORY}'"))
+                            .map_err(|e| Error::weights(&self.path, e.to_string()))?;
+                        Some(memory.with_blend(blend))
+                    }
+                }
+            }
+        };
+        Ok((tensors, memory))
+    }
+
+    /// Gives `model` its feature memory after checking it against the model's widths and the
+    /// map the file says the model outputs.
+    fn attach_memory(
+        &self,
+        model: DsrModel,
+        memory: Option<FeatureMemory>,
+        cfg: &DsrConfig,
+    ) -> Result<DsrModel> {
+        let output = model.output_map();
+        match memory {
+            Some(memory) => {
+                let want = 2 * cfg.num_hiddens;
+                if memory.channels() != want {
+                    return Err(Error::weights(
+                        &self.path,
+                        format!(
+                            "tensor '{MEMORY_ROWS_KEY}' has {} channels, the model's features have {want}",
+                            memory.channels()
+                        ),
+                    ));
+                }
+                if output == OutputMap::Combined && memory.blend().is_none() {
+                    return Err(Error::weights(
+                        &self.path,
+                        format!("the model outputs the combined map but the file has no '{META_FEATURE_MEMORY}' blend"),
+                    ));
+                }
+                Ok(model.with_feature_memory(memory))
+            }
+            None if matches!(output, OutputMap::Memory | OutputMap::Combined) => {
+                Err(Error::weights(
+                    &self.path,
+                    format!("the model outputs the {output} map but the file has no tensor '{MEMORY_ROWS_KEY}'"),
+                ))
+            }
+            None => Ok(model),
+        }
     }
 
     /// Builds the model for inference under `exec`, checking every tensor against `cfg` first.
@@ -298,19 +378,21 @@ impl Checkpoint {
         exec: Execution,
     ) -> Result<DsrModel> {
         exec.precision.check_supported()?;
-        check_tensors(&self.path, &self.tensors, &cfg.state_dict_shapes()?)?;
+        let (tensors, memory) = self.split_memory(device)?;
+        check_tensors(&self.path, &tensors, &cfg.state_dict_shapes()?)?;
         let output = self.output_map()?;
-        if let Some((key, _)) = self.tensors.iter().find(|(_, t)| t.is_variable()) {
+        if let Some((key, _)) = tensors.iter().find(|(_, t)| t.is_variable()) {
             return Err(Error::weights(
                 &self.path,
                 format!("'{key}' is a training variable, not a weight read from a file"),
             ));
         }
-        let vb = VarBuilder::from_tensors(self.tensors, DType::F32, device);
-        Ok(DsrModel::new(cfg, vb)?
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let model = DsrModel::new(cfg, vb)?
             .with_execution(exec)
             .with_output_map(output)
-            .keeping_filters())
+            .keeping_filters();
+        self.attach_memory(model, memory, cfg)
     }
 }
 

@@ -1,0 +1,309 @@
+//! A nearest-neighbour map in the discrete model's feature space, beside the detection map of a
+//! trained run: features of every training image kept in a memory, each test pixel scored by the
+//! distance to its nearest kept feature, and the two maps combined.
+//!
+//! ```sh
+//! cargo run --release -p dsr-train --example feature_study -- RUN_DIR [small|reference] [SIZE]
+//! ```
+//!
+//! `RUN_DIR` is a finished `dsr train` run folder; the splits are drawn again from its
+//! configuration and seed. The features come from the run's own discrete model (`small`, the
+//! default) or the shipped reference-width codebook (`reference`), at `SIZE`² (the run's size by
+//! default). Prints image AUROC / pixel AUROC / pixel AP / AUPRO on validation and test.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+use dsr_core::discrete::DiscreteLatentModel;
+use dsr_core::weights::load_checkpoint;
+use dsr_core::{Execution, OutputMap};
+use dsr_eval::{evaluate, Detector, EvalOptions, Evaluation};
+use dsr_train::codebook::GeneralCodebook;
+use dsr_train::data::split_validation;
+use dsr_train::pipeline::samples_of;
+use dsr_train::session::{parse_val_split, RunConfig};
+
+fn gaussian(sigma: f32) -> Vec<f32> {
+    let r = (3.0 * sigma).ceil() as i64;
+    let k: Vec<f32> = (-r..=r)
+        .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let s: f32 = k.iter().sum();
+    k.into_iter().map(|v| v / s).collect()
+}
+
+fn blur(maps: &[f32], h: usize, w: usize, sigma: f32) -> Vec<f32> {
+    if sigma <= 0.0 {
+        return maps.to_vec();
+    }
+    let k = gaussian(sigma);
+    let r = (k.len() / 2) as i64;
+    let mut out = vec![0f32; maps.len()];
+    let mut tmp = vec![0f32; h * w];
+    for (src, dst) in maps.chunks(h * w).zip(out.chunks_mut(h * w)) {
+        for y in 0..h {
+            for x in 0..w {
+                let mut acc = 0.0;
+                for (j, kv) in k.iter().enumerate() {
+                    let xx = (x as i64 + j as i64 - r).clamp(0, w as i64 - 1) as usize;
+                    acc += kv * src[y * w + xx];
+                }
+                tmp[y * w + x] = acc;
+            }
+        }
+        for y in 0..h {
+            for x in 0..w {
+                let mut acc = 0.0;
+                for (j, kv) in k.iter().enumerate() {
+                    let yy = (y as i64 + j as i64 - r).clamp(0, h as i64 - 1) as usize;
+                    acc += kv * tmp[yy * w + x];
+                }
+                dst[y * w + x] = acc;
+            }
+        }
+    }
+    out
+}
+
+/// Per-pixel features `B×C×h×w` of `images` (`B×3×S×S`).
+fn features(dlm: &DiscreteLatentModel, images: &Tensor, kind: &str) -> Result<Tensor> {
+    let enc = dlm.encode(images)?;
+    let (_, _, h, w) = enc.z_b.dims4()?;
+    let f = match kind {
+        "zb" => enc.z_b.clone(),
+        "zbt" => Tensor::cat(&[&enc.z_b, &enc.z_t.upsample_nearest2d(h, w)?], 1)?,
+        "enc" => Tensor::cat(&[&enc.enc_b, &enc.enc_t.upsample_nearest2d(h, w)?], 1)?,
+        "all" => Tensor::cat(
+            &[
+                &enc.enc_b,
+                &enc.z_b,
+                &enc.enc_t.upsample_nearest2d(h, w)?,
+                &enc.z_t.upsample_nearest2d(h, w)?,
+            ],
+            1,
+        )?,
+        other => anyhow::bail!("unknown feature kind {other}"),
+    };
+    // 3×3 neighbourhood average (edges replicated).
+    let f = f.pad_with_same(2, 1, 1)?.pad_with_same(3, 1, 1)?;
+    Ok(f.avg_pool2d_with_stride(3, 1)?)
+}
+
+fn to_rows(f: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = f.dims4()?;
+    Ok(f.permute((0, 2, 3, 1))?
+        .reshape((b * h * w, c))?
+        .contiguous()?)
+}
+
+fn load(paths: &[PathBuf], size: usize) -> Result<Tensor> {
+    let mut data = Vec::new();
+    for p in paths {
+        let img = dsr_eval::image::load_image(p, [size, size], u64::MAX)?;
+        data.extend_from_slice(&img.chw);
+    }
+    Ok(Tensor::from_vec(
+        data,
+        (paths.len(), 3, size, size),
+        &Device::Cpu,
+    )?)
+}
+
+struct Memory {
+    rows: Tensor,
+    norms: Tensor,
+}
+
+impl Memory {
+    /// Squared distance of each query row to its nearest memory row.
+    fn nearest(&self, q: &Tensor) -> Result<Vec<f32>> {
+        let qn = q.sqr()?.sum_keepdim(1)?;
+        let dots = q.matmul(&self.rows.t()?)?;
+        let d = dots
+            .affine(-2.0, 0.0)?
+            .broadcast_add(&qn)?
+            .broadcast_add(&self.norms.unsqueeze(0)?)?;
+        Ok(d.min(D::Minus1)?.clamp(0f32, f32::MAX)?.sqrt()?.to_vec1()?)
+    }
+}
+
+/// The memory map of every sample of `ev`, at the evaluation's size.
+fn memory_maps(
+    dlm: &DiscreteLatentModel,
+    mem: &Memory,
+    ev: &Evaluation,
+    size: usize,
+    kind: &str,
+) -> Result<Vec<f32>> {
+    let [eh, ew] = ev.size;
+    let mut out = Vec::with_capacity(ev.maps.len());
+    for chunk in ev.samples.chunks(2) {
+        let paths: Vec<PathBuf> = chunk.iter().map(|s| s.path.clone()).collect();
+        let f = features(dlm, &load(&paths, size)?, kind)?;
+        let (b, _, h, w) = f.dims4()?;
+        let d = mem.nearest(&to_rows(&f)?)?;
+        let t = Tensor::from_vec(d, (b, 1, h, w), &Device::Cpu)?;
+        let t = t.upsample_nearest2d(eh, ew)?;
+        out.extend(t.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
+fn figures(ev: &Evaluation, maps: Vec<f32>, scores: Option<Vec<f32>>) -> Result<[f64; 4]> {
+    let mut e = ev.clone();
+    let px = ev.size[0] * ev.size[1];
+    e.scores = match scores {
+        Some(s) => s,
+        None => maps
+            .chunks(px)
+            .map(|m| m.iter().cloned().fold(f32::MIN, f32::max))
+            .collect(),
+    };
+    e.maps = maps;
+    let post = e.fit_postprocessor()?;
+    let m = e.metrics(&post)?;
+    Ok([m.image_auroc, m.pixel_auroc, m.pixel_ap, m.pixel_aupro])
+}
+
+/// Mean and standard deviation of the maps of the normal images of `ev`.
+fn normal_stats(ev: &Evaluation, maps: &[f32]) -> (f32, f32) {
+    let px = ev.size[0] * ev.size[1];
+    let mut n = 0f64;
+    let mut s = 0f64;
+    let mut s2 = 0f64;
+    for (m, &l) in maps.chunks(px).zip(&ev.labels) {
+        if !l {
+            for &v in m {
+                n += 1.0;
+                s += v as f64;
+                s2 += (v as f64) * (v as f64);
+            }
+        }
+    }
+    let mean = s / n;
+    (
+        (mean) as f32,
+        ((s2 / n - mean * mean).max(1e-12)).sqrt() as f32,
+    )
+}
+
+fn line(name: &str, v: [f64; 4], t: [f64; 4]) {
+    println!(
+        "{name:<28} | {:.3} / {:.3} / {:.3} / {:.3} | {:.3} / {:.3} / {:.3} / {:.3}",
+        v[0], v[1], v[2], v[3], t[0], t[1], t[2], t[3]
+    );
+}
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let run = PathBuf::from(args.next().context("usage: feature_study RUN_DIR")?);
+    let which = args.next().unwrap_or_else(|| "small".into());
+    let fsize: Option<usize> = args.next().map(|s| s.parse()).transpose()?;
+    let kinds: Vec<String> = {
+        let k: Vec<String> = args.collect();
+        if k.is_empty() {
+            vec!["zbt".into(), "enc".into(), "all".into()]
+        } else {
+            k
+        }
+    };
+    let text = std::fs::read_to_string(run.join("config.toml"))?;
+    let cfg: RunConfig = toml::from_str(&text)?;
+    let listing = cfg.data.listing(cfg.train.seed)?;
+    let splits = split_validation(
+        &listing,
+        parse_val_split(&cfg.data.val_split, cfg.train.seed)?,
+    )?;
+    let ckpt = load_checkpoint(&run.join("weights/model.safetensors"))?;
+    let model_cfg = ckpt.config.context("no configuration")?;
+    let size = ckpt.image_size.context("no image size")?;
+    let model = ckpt
+        .build_model(&model_cfg, &Device::Cpu)?
+        .with_execution(Execution::default());
+    let det = Detector::new(
+        model.clone().with_output_map(OutputMap::Detection),
+        size,
+        None,
+        &Device::Cpu,
+    )?;
+    let options = EvalOptions::default();
+    let t0 = std::time::Instant::now();
+    let val = evaluate(&det, samples_of(&splits.val), &options)?;
+    let test = evaluate(&det, samples_of(&splits.test), &options)?;
+    eprintln!("detection maps: {:.1} s", t0.elapsed().as_secs_f64());
+    line(
+        "detection",
+        figures(&val, val.maps.clone(), Some(val.scores.clone()))?,
+        figures(&test, test.maps.clone(), Some(test.scores.clone()))?,
+    );
+
+    let dlm = match which.as_str() {
+        "small" => model.discrete().clone(),
+        "reference" => {
+            let c = GeneralCodebook::GeneralReference.checkpoint()?;
+            let rc = c.config.context("config")?;
+            let vb = VarBuilder::from_tensors(c.tensors.clone(), DType::F32, &Device::Cpu);
+            DiscreteLatentModel::new(&rc, vb.pp("discrete_latent_model"))?
+        }
+        other => anyhow::bail!("unknown codebook {other}"),
+    };
+    let fsize = fsize.unwrap_or(size[0]);
+    let train: Vec<PathBuf> = splits.train.iter().map(|e| e.path.clone()).collect();
+    for kind in &kinds {
+        let t0 = std::time::Instant::now();
+        let mut rows = Vec::new();
+        for chunk in train.chunks(8) {
+            rows.push(to_rows(&features(&dlm, &load(chunk, fsize)?, kind)?)?);
+        }
+        let mut rows = Tensor::cat(&rows, 0)?;
+        if let Some(cap) = std::env::var("MEM_CAP")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            let n = rows.dim(0)?;
+            if n > cap {
+                // An even stride through the rows (a deterministic subsample).
+                let idx: Vec<u32> = (0..cap).map(|i| (i * n / cap) as u32).collect();
+                rows = rows.index_select(&Tensor::new(idx, &Device::Cpu)?, 0)?;
+            }
+        }
+        let norms = rows.sqr()?.sum(1)?;
+        let mem = Memory { rows, norms };
+        let mv = memory_maps(&dlm, &mem, &val, fsize, kind)?;
+        let mt = memory_maps(&dlm, &mem, &test, fsize, kind)?;
+        eprintln!(
+            "{kind}: memory {:?}, {:.1} s",
+            mem.rows.dims(),
+            t0.elapsed().as_secs_f64()
+        );
+        let [h, w] = val.size;
+        for sigma in [0.0f32, 2.0, 4.0] {
+            let bv = blur(&mv, h, w, sigma);
+            let bt = blur(&mt, h, w, sigma);
+            line(
+                &format!("{which}-{fsize} {kind} s{sigma}"),
+                figures(&val, bv.clone(), None)?,
+                figures(&test, bt.clone(), None)?,
+            );
+            // Combined with the detection map, each standardised on the validation normals.
+            let (mk, sk) = normal_stats(&val, &bv);
+            let (md, sd) = normal_stats(&val, &val.maps);
+            for wk in [0.5f32, 1.0, 2.0] {
+                let comb = |mm: &[f32], dm: &[f32]| -> Vec<f32> {
+                    mm.iter()
+                        .zip(dm)
+                        .map(|(&a, &b)| wk * (a - mk) / sk + (b - md) / sd)
+                        .collect()
+                };
+                line(
+                    &format!("  + detection, weight {wk}"),
+                    figures(&val, comb(&bv, &val.maps), None)?,
+                    figures(&test, comb(&bt, &test.maps), None)?,
+                );
+            }
+        }
+    }
+    Ok(())
+}
