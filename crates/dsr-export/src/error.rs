@@ -16,14 +16,6 @@ pub enum ExportError {
     /// The graph could not be built (a tensor missing or unreadable).
     #[error("cannot build the ONNX graph: {0}")]
     Graph(String),
-    /// The model gives a map the ONNX graph cannot hold.
-    #[error("{}: {message}", .path.display())]
-    Unsupported {
-        /// The checkpoint.
-        path: PathBuf,
-        /// What is not supported and what to do instead.
-        message: String,
-    },
     /// The model could not be serialised.
     #[error("cannot serialise the ONNX model: {0}")]
     Encode(String),

@@ -2,8 +2,8 @@
 //! of the run, then the phase lengths that fill the budget.
 //!
 //! The budget covers the whole run: the timing itself, phase 1 (when the discrete model is
-//! pretrained), phases 2 and 3, and the evaluation passes at the end (both output maps on the
-//! validation set, then the test set). What is left after the timing and the estimated
+//! pretrained), phases 2 and 3, and the evaluation passes at the end (every output map on the
+//! validation set, the feature memory's pass over the training images, then the test set). What is left after the timing and the estimated
 //! evaluation is shared between the phases by a [`BudgetSplit`]; each phase gets as many whole
 //! steps as fit in its share at its measured step time.
 //!
@@ -350,7 +350,8 @@ fn probe_trainer(cfg: &RunConfig, phase2_steps: u64, device: &Device) -> Result<
 
 /// Measures the step times of `cfg`'s run on `device` with a few steps of phases 1 and 2 (on
 /// a model of random weights and a fixed image pattern: the time of a step depends on the
-/// shapes, not on the values), and estimates its evaluation: both maps on the validation set,
+/// shapes, not on the values), and estimates its evaluation: every map on the validation set
+/// (with the feature memory's pass over the training images),
 /// plus the test set when `test` is set and it differs from the validation set. Phase 1 is
 /// timed when the run pretrains its discrete model (`vq.pretrain` without `vq.weights`).
 /// The phase-3 time is left at the phase-2 time ([`measure_phase3`] measures it).
@@ -384,7 +385,16 @@ pub fn measure_step_times(cfg: &RunConfig, device: &Device, test: bool) -> Resul
             .iter()
             .zip(&splits.test)
             .all(|(a, b)| a.path == b.path);
-    let forwards = 2 * splits.val.len() + if test && !same { splits.test.len() } else { 0 };
+    // Refined and detection maps on validation, the memory map too (and the training images
+    // encoded for the memory) when the run keeps one.
+    let memory_passes = if cfg.output.feature_memory {
+        splits.val.len() + splits.train.len()
+    } else {
+        0
+    };
+    let forwards = 2 * splits.val.len()
+        + memory_passes
+        + if test && !same { splits.test.len() } else { 0 };
     let eval_batch = cfg.data.eval_batch.max(1);
     let inference = trainer.inference_model()?;
     let images = pattern(eval_batch, h, w)?;
