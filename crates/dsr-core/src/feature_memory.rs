@@ -41,11 +41,18 @@ use crate::{Error, Result};
 pub const MEMORY_ROWS_KEY: &str = "dsr.feature_memory.rows";
 /// The metadata key of the [`Blend`] (JSON).
 pub const META_FEATURE_MEMORY: &str = "dsr.feature_memory";
-/// The most features a memory keeps by default: 16 384 rows (4 MiB for the small preset's
-/// 64 channels, 16 MiB for the reference widths' 256).
-pub const DEFAULT_CAPACITY: usize = 16_384;
-/// Query rows per distance product (bounds the `rows × memory` matrix to 64 MiB at the default
-/// capacity).
+/// The most values (rows × channels) a memory keeps by default: 2^20, i.e. 16 384 rows of the
+/// small preset's 64 channels (4 MiB) and 4 096 of the reference widths' 256. The distance
+/// product costs `2 · rows · (channels + 1)` operations per feature pixel, so the bound keeps
+/// inference cost the same whatever the widths ([`default_capacity`]).
+pub const DEFAULT_CAPACITY_VALUES: usize = 1 << 20;
+
+/// The default number of rows of a memory of `channels`-channel features (at least 1).
+pub fn default_capacity(channels: usize) -> usize {
+    (DEFAULT_CAPACITY_VALUES / channels.max(1)).max(1)
+}
+/// Query rows per distance product (bounds the `queries × rows` matrix to 64 MiB with 16 384
+/// rows).
 const QUERY_CHUNK: usize = 1024;
 
 /// How the combined map is made: `weight · (d − μ_d)/σ_d + (m − μ_m)/σ_m`, where `d` is the
@@ -94,7 +101,9 @@ impl Blend {
 #[derive(Debug, Clone)]
 pub struct FeatureMemory {
     rows: Tensor,
-    norms: Tensor,
+    /// `[−2·rows, ‖rows‖²]ᵀ`, `(C+1)×N`: one product with `[q, 1]` gives `‖r‖² − 2 q·r` for
+    /// every row at once, so the nearest row is found with one pass over the product.
+    augmented_t: Tensor,
     blend: Option<Blend>,
 }
 
@@ -108,10 +117,13 @@ impl FeatureMemory {
             )));
         }
         let rows = rows.to_dtype(DType::F32)?.contiguous()?;
-        let norms = rows.sqr()?.sum(1)?;
+        let norms = rows.sqr()?.sum_keepdim(1)?;
+        let augmented_t = Tensor::cat(&[&rows.affine(-2.0, 0.0)?, &norms], 1)?
+            .t()?
+            .contiguous()?;
         Ok(Self {
             rows,
-            norms,
+            augmented_t,
             blend: None,
         })
     }
@@ -175,7 +187,7 @@ impl FeatureMemory {
     pub fn to_device(&self, device: &Device) -> Result<Self> {
         Ok(Self {
             rows: self.rows.to_device(device)?,
-            norms: self.norms.to_device(device)?,
+            augmented_t: self.augmented_t.to_device(device)?,
             blend: self.blend,
         })
     }
@@ -190,21 +202,23 @@ impl FeatureMemory {
             )));
         }
         let mut out = Vec::with_capacity(m);
-        let rows_t = self.rows.t()?;
-        let norms = self.norms.unsqueeze(0)?;
         let mut start = 0;
         while start < m {
             let len = QUERY_CHUNK.min(m - start);
             let q = queries.narrow(0, start, len)?.contiguous()?;
-            let qn = q.sqr()?.sum_keepdim(1)?;
-            // |q - r|² = |q|² + |r|² - 2 q·r, clamped at 0 against rounding.
-            let d2 = q
-                .matmul(&rows_t)?
-                .affine(-2.0, 0.0)?
-                .broadcast_add(&qn)?
-                .broadcast_add(&norms)?
-                .min(D::Minus1)?;
-            out.extend(d2.to_vec1::<f32>()?.into_iter().map(|v| v.max(0.0).sqrt()));
+            let qn = q.sqr()?.sum(1)?.to_vec1::<f32>()?;
+            let ones = Tensor::ones((len, 1), DType::F32, q.device())?;
+            // |q - r|² = |q|² + min_r (|r|² - 2 q·r), clamped at 0 against rounding.
+            let nearest = Tensor::cat(&[&q, &ones], 1)?
+                .matmul(&self.augmented_t)?
+                .min(D::Minus1)?
+                .to_vec1::<f32>()?;
+            out.extend(
+                nearest
+                    .into_iter()
+                    .zip(qn)
+                    .map(|(v, n)| (v + n).max(0.0).sqrt()),
+            );
             start += len;
         }
         Ok(out)

@@ -462,14 +462,14 @@ fn combine_maps(
 }
 
 /// The feature memory of `model`'s discrete model on the training `images`, encoded in batches
-/// of `batch` on `device`, at most [`dsr_core::feature_memory::DEFAULT_CAPACITY`] rows.
+/// of `batch` on `device`, at most [`dsr_core::feature_memory::default_capacity`] rows.
 pub fn feature_memory_of(
     model: &dsr_core::DsrModel,
     images: &dsr_augment::ImageBatch,
     batch: usize,
     device: &Device,
 ) -> Result<dsr_core::feature_memory::FeatureMemory> {
-    use dsr_core::feature_memory::{FeatureMemory, DEFAULT_CAPACITY};
+    use dsr_core::feature_memory::{default_capacity, FeatureMemory};
     let per = images.c * images.h * images.w;
     let mut features = Vec::new();
     for chunk in images.data.chunks(per * batch.max(1)) {
@@ -478,7 +478,11 @@ pub fn feature_memory_of(
         let encoded = model.discrete().encode(&x)?;
         features.push(FeatureMemory::features(&encoded)?);
     }
-    Ok(FeatureMemory::from_features(&features, DEFAULT_CAPACITY)?)
+    let channels = 2 * model.config().num_hiddens;
+    Ok(FeatureMemory::from_features(
+        &features,
+        default_capacity(channels),
+    )?)
 }
 
 /// Everything that defines a training run; the `config.toml` of a run folder.
