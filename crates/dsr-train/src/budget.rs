@@ -392,9 +392,8 @@ pub fn measure_step_times(cfg: &RunConfig, device: &Device, test: bool) -> Resul
     } else {
         0
     };
-    let forwards = 2 * splits.val.len()
-        + memory_passes
-        + if test && !same { splits.test.len() } else { 0 };
+    let forwards =
+        2 * splits.val.len() + memory_passes + if test && !same { splits.test.len() } else { 0 };
     let eval_batch = cfg.data.eval_batch.max(1);
     let inference = trainer.inference_model()?;
     let images = pattern(eval_batch, h, w)?;
