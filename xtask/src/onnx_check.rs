@@ -138,6 +138,20 @@ fn fixture_checkpoint(path: &Path, extra: &BTreeMap<String, String>) -> Result<(
     Ok(())
 }
 
+/// The check's images at `size`, as `dsr predict` reads them, one after another (`N×3×H×W`).
+fn check_inputs(size: [usize; 2]) -> Result<Vec<f32>> {
+    let mut inputs = Vec::new();
+    for p in IMAGES {
+        let img = dsr_eval::image::load_image(
+            &root().join(p),
+            size,
+            dsr_eval::image::DEFAULT_MAX_PIXELS,
+        )?;
+        inputs.extend_from_slice(&img.chw);
+    }
+    Ok(inputs)
+}
+
 /// Writes the checkpoint `base` with a feature memory of its own features on the check's images
 /// (64 rows at an even stride, so most pixels lie at a distance from every row), a blend, and
 /// the combined map as output: the graph's feature-memory branch.
@@ -149,17 +163,11 @@ fn memory_checkpoint(base: &Path, path: &Path) -> Result<()> {
         .image_size
         .context("the checkpoint has no image size")?;
     let model = ckpt.build_model(&cfg, &candle_core::Device::Cpu)?;
-    let mut inputs = Vec::new();
-    for p in IMAGES {
-        let img = dsr_eval::image::load_image(
-            &root().join(p),
-            [h, w],
-            dsr_eval::image::DEFAULT_MAX_PIXELS,
-        )?;
-        inputs.extend_from_slice(&img.chw);
-    }
-    let x =
-        candle_core::Tensor::from_vec(inputs, (IMAGES.len(), 3, h, w), &candle_core::Device::Cpu)?;
+    let x = candle_core::Tensor::from_vec(
+        check_inputs([h, w])?,
+        (IMAGES.len(), 3, h, w),
+        &candle_core::Device::Cpu,
+    )?;
     let features = FeatureMemory::features(&model.discrete().encode(&x)?)?;
     let memory = FeatureMemory::from_features(&[features], 64)?;
     let mut tensors = ckpt.tensors.clone();
@@ -265,11 +273,7 @@ fn check_model(
         why = "feature-memory map: the distance's square root is ill-conditioned near zero; ONNX Runtime's own map moves by about as much under a one-float-step input change".to_string();
     }
     let [h, w] = ckpt.image_size.unwrap_or(dsr_eval::DEFAULT_IMAGE_SIZE);
-    let mut inputs = Vec::new();
-    for p in &images {
-        let img = dsr_eval::image::load_image(p, [h, w], dsr_eval::image::DEFAULT_MAX_PIXELS)?;
-        inputs.extend_from_slice(&img.chw);
-    }
+    let inputs = check_inputs([h, w])?;
     let inputs_path = dir.join("inputs.npy");
     std::fs::write(&inputs_path, npy(&inputs, &[images.len(), 3, h, w]))?;
     let report = dir.join("parity.json");

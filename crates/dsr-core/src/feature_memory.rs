@@ -37,7 +37,7 @@ use crate::discrete::Encoded;
 use crate::{Error, Result};
 
 /// The checkpoint key of the remembered features, `N×C` (not a PyTorch key: anomalib and the
-/// original code ignore it, and `dsr convert` leaves it out).
+/// original code have no such tensor; `dsr convert` keeps it as it is).
 pub const MEMORY_ROWS_KEY: &str = "dsr.feature_memory.rows";
 /// The metadata key of the [`Blend`] (JSON).
 pub const META_FEATURE_MEMORY: &str = "dsr.feature_memory";

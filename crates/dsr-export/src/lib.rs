@@ -42,8 +42,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use dsr_core::weights::{
-    check_tensors, load_checkpoint, write_atomic, Checkpoint, META_CONFIG, META_IMAGE_SIZE,
-    META_OUTPUT_MAP,
+    load_checkpoint, write_atomic, Checkpoint, META_CONFIG, META_IMAGE_SIZE, META_OUTPUT_MAP,
 };
 use dsr_eval::postprocess::{PostProcessor, METADATA_KEY};
 use dsr_eval::{EvalError, DEFAULT_IMAGE_SIZE};
@@ -174,17 +173,13 @@ pub fn export_checkpoint(ckpt: &Checkpoint, opts: &ExportOptions) -> Result<Mode
         source,
     };
     let output = ckpt.output_map().map_err(build)?;
-    // The feature memory (checked against the map it serves) enters the graph as a constant;
-    // the network's own tensors are checked against the configuration without it.
-    let memory = ckpt
+    // Building the model checks every network tensor against the configuration and the
+    // feature memory against the map it serves; the memory enters the graph as a constant.
+    let blend = ckpt
         .build_model(&cfg, &candle_core::Device::Cpu)
         .map_err(build)?
         .feature_memory()
-        .map(|m| m.blend());
-    let blend = memory.flatten();
-    let mut tensors = ckpt.tensors.clone();
-    tensors.remove(dsr_core::feature_memory::MEMORY_ROWS_KEY);
-    check_tensors(path, &tensors, &cfg.state_dict_shapes().map_err(build)?).map_err(build)?;
+        .and_then(|m| m.blend());
     let post = match ckpt.metadata.get(METADATA_KEY) {
         Some(json) => {
             Some(

@@ -3,9 +3,10 @@
 //!
 //! The budget covers the whole run: the timing itself, phase 1 (when the discrete model is
 //! pretrained), phases 2 and 3, and the evaluation passes at the end (every output map on the
-//! validation set, the feature memory's pass over the training images, then the test set). What is left after the timing and the estimated
-//! evaluation is shared between the phases by a [`BudgetSplit`]; each phase gets as many whole
-//! steps as fit in its share at its measured step time.
+//! validation set, the feature memory's pass over the training images, then the test set).
+//! What is left after the timing and the estimated evaluation is shared between the phases by a
+//! [`BudgetSplit`]; each phase gets as many whole steps as fit in its share at its measured step
+//! time.
 //!
 //! ```
 //! use dsr_train::budget::{plan_budget, BudgetSplit, StepTimes};
@@ -351,8 +352,7 @@ fn probe_trainer(cfg: &RunConfig, phase2_steps: u64, device: &Device) -> Result<
 /// Measures the step times of `cfg`'s run on `device` with a few steps of phases 1 and 2 (on
 /// a model of random weights and a fixed image pattern: the time of a step depends on the
 /// shapes, not on the values), and estimates its evaluation: every map on the validation set
-/// (with the feature memory's pass over the training images),
-/// plus the test set when `test` is set and it differs from the validation set. Phase 1 is
+/// (with the feature memory's pass over the training images), plus the test set when `test` is set and it differs from the validation set. Phase 1 is
 /// timed when the run pretrains its discrete model (`vq.pretrain` without `vq.weights`).
 /// The phase-3 time is left at the phase-2 time ([`measure_phase3`] measures it).
 pub fn measure_step_times(cfg: &RunConfig, device: &Device, test: bool) -> Result<StepTimes> {
