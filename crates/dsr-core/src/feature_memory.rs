@@ -252,8 +252,9 @@ impl FeatureMemory {
     }
 }
 
-/// `B×C×h×w` → `(B·h·w)×C`, pixels in row-major order image by image.
-fn pixel_rows(f: &Tensor) -> Result<Tensor> {
+/// `B×C×h×w` → `(B·h·w)×C`, pixels in row-major order image by image (the rows a memory
+/// keeps, and the queries of [`FeatureMemory::nearest_distances`]).
+pub fn pixel_rows(f: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = f.dims4()?;
     Ok(f.permute((0, 2, 3, 1))?
         .reshape((b * h * w, c))?

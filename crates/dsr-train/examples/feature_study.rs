@@ -14,9 +14,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use dsr_core::discrete::DiscreteLatentModel;
+use dsr_core::feature_memory::{pixel_rows, FeatureMemory};
 use dsr_core::weights::load_checkpoint;
 use dsr_core::{Execution, OutputMap};
 use dsr_eval::{evaluate, Detector, EvalOptions, Evaluation};
@@ -25,47 +26,9 @@ use dsr_train::data::split_validation;
 use dsr_train::pipeline::samples_of;
 use dsr_train::session::{parse_val_split, RunConfig};
 
-fn gaussian(sigma: f32) -> Vec<f32> {
-    let r = (3.0 * sigma).ceil() as i64;
-    let k: Vec<f32> = (-r..=r)
-        .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
-        .collect();
-    let s: f32 = k.iter().sum();
-    k.into_iter().map(|v| v / s).collect()
-}
-
-fn blur(maps: &[f32], h: usize, w: usize, sigma: f32) -> Vec<f32> {
-    if sigma <= 0.0 {
-        return maps.to_vec();
-    }
-    let k = gaussian(sigma);
-    let r = (k.len() / 2) as i64;
-    let mut out = vec![0f32; maps.len()];
-    let mut tmp = vec![0f32; h * w];
-    for (src, dst) in maps.chunks(h * w).zip(out.chunks_mut(h * w)) {
-        for y in 0..h {
-            for x in 0..w {
-                let mut acc = 0.0;
-                for (j, kv) in k.iter().enumerate() {
-                    let xx = (x as i64 + j as i64 - r).clamp(0, w as i64 - 1) as usize;
-                    acc += kv * src[y * w + xx];
-                }
-                tmp[y * w + x] = acc;
-            }
-        }
-        for y in 0..h {
-            for x in 0..w {
-                let mut acc = 0.0;
-                for (j, kv) in k.iter().enumerate() {
-                    let yy = (y as i64 + j as i64 - r).clamp(0, h as i64 - 1) as usize;
-                    acc += kv * tmp[yy * w + x];
-                }
-                dst[y * w + x] = acc;
-            }
-        }
-    }
-    out
-}
+#[path = "support/blur.rs"]
+mod blur;
+use blur::blur;
 
 /// Per-pixel features `B×C×h×w` of `images` (`B×3×S×S`).
 fn features(dlm: &DiscreteLatentModel, images: &Tensor, kind: &str) -> Result<Tensor> {
@@ -91,13 +54,6 @@ fn features(dlm: &DiscreteLatentModel, images: &Tensor, kind: &str) -> Result<Te
     Ok(f.avg_pool2d_with_stride(3, 1)?)
 }
 
-fn to_rows(f: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = f.dims4()?;
-    Ok(f.permute((0, 2, 3, 1))?
-        .reshape((b * h * w, c))?
-        .contiguous()?)
-}
-
 fn load(paths: &[PathBuf], size: usize) -> Result<Tensor> {
     let mut data = Vec::new();
     for p in paths {
@@ -111,28 +67,10 @@ fn load(paths: &[PathBuf], size: usize) -> Result<Tensor> {
     )?)
 }
 
-struct Memory {
-    rows: Tensor,
-    norms: Tensor,
-}
-
-impl Memory {
-    /// Squared distance of each query row to its nearest memory row.
-    fn nearest(&self, q: &Tensor) -> Result<Vec<f32>> {
-        let qn = q.sqr()?.sum_keepdim(1)?;
-        let dots = q.matmul(&self.rows.t()?)?;
-        let d = dots
-            .affine(-2.0, 0.0)?
-            .broadcast_add(&qn)?
-            .broadcast_add(&self.norms.unsqueeze(0)?)?;
-        Ok(d.min(D::Minus1)?.clamp(0f32, f32::MAX)?.sqrt()?.to_vec1()?)
-    }
-}
-
 /// The memory map of every sample of `ev`, at the evaluation's size.
 fn memory_maps(
     dlm: &DiscreteLatentModel,
-    mem: &Memory,
+    mem: &FeatureMemory,
     ev: &Evaluation,
     size: usize,
     kind: &str,
@@ -143,7 +81,7 @@ fn memory_maps(
         let paths: Vec<PathBuf> = chunk.iter().map(|s| s.path.clone()).collect();
         let f = features(dlm, &load(&paths, size)?, kind)?;
         let (b, _, h, w) = f.dims4()?;
-        let d = mem.nearest(&to_rows(&f)?)?;
+        let d = mem.nearest_distances(&pixel_rows(&f)?)?;
         let t = Tensor::from_vec(d, (b, 1, h, w), &Device::Cpu)?;
         let t = t.upsample_nearest2d(eh, ew)?;
         out.extend(t.flatten_all()?.to_vec1::<f32>()?);
@@ -253,29 +191,21 @@ fn main() -> Result<()> {
     let train: Vec<PathBuf> = splits.train.iter().map(|e| e.path.clone()).collect();
     for kind in &kinds {
         let t0 = std::time::Instant::now();
-        let mut rows = Vec::new();
+        let mut batches = Vec::new();
         for chunk in train.chunks(8) {
-            rows.push(to_rows(&features(&dlm, &load(chunk, fsize)?, kind)?)?);
+            batches.push(features(&dlm, &load(chunk, fsize)?, kind)?);
         }
-        let mut rows = Tensor::cat(&rows, 0)?;
-        if let Some(cap) = std::env::var("MEM_CAP")
+        // MEM_CAP rows at an even stride (the product's subsample), else every training pixel.
+        let cap = std::env::var("MEM_CAP")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
-        {
-            let n = rows.dim(0)?;
-            if n > cap {
-                // An even stride through the rows (a deterministic subsample).
-                let idx: Vec<u32> = (0..cap).map(|i| (i * n / cap) as u32).collect();
-                rows = rows.index_select(&Tensor::new(idx, &Device::Cpu)?, 0)?;
-            }
-        }
-        let norms = rows.sqr()?.sum(1)?;
-        let mem = Memory { rows, norms };
+            .unwrap_or(usize::MAX);
+        let mem = FeatureMemory::from_features(&batches, cap)?;
         let mv = memory_maps(&dlm, &mem, &val, fsize, kind)?;
         let mt = memory_maps(&dlm, &mem, &test, fsize, kind)?;
         eprintln!(
             "{kind}: memory {:?}, {:.1} s",
-            mem.rows.dims(),
+            mem.rows().dims(),
             t0.elapsed().as_secs_f64()
         );
         let [h, w] = val.size;
