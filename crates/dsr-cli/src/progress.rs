@@ -102,6 +102,14 @@ impl Progress {
         }
     }
 
+    /// The current phase now has `total` steps (a re-planned budgeted run).
+    pub fn set_total(&mut self, total: u64) {
+        self.total = total;
+        if let Some(bar) = &self.bar {
+            bar.set_length(total);
+        }
+    }
+
     /// A message printed above the bar.
     pub fn message(&self, text: &str) {
         match &self.bar {

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::ValueEnum;
 use dsr_core::DsrConfig;
+use dsr_train::budget::Deadline;
 use dsr_train::codebook::{discrete_part, GeneralCodebook};
 use dsr_train::data::{list_images, Entry};
 use dsr_train::pipeline::{load_image_batch, small_model};
@@ -272,14 +273,15 @@ pub fn parse_budget(text: &str) -> std::result::Result<f64, String> {
 }
 
 /// Plans `cfg`'s phases to fill `budget` seconds counted from `started` (timing a few steps of
-/// each phase first), prints the plan and writes it into `cfg`.
+/// each phase first), prints the plan and writes it into `cfg`; the deadline it returns lets
+/// the session re-plan from the step times it measures while it trains.
 pub fn plan_to_budget(
     cfg: &mut RunConfig,
     budget: f64,
     started: Instant,
     device: &Device,
     test: bool,
-) -> Result<()> {
+) -> Result<Deadline> {
     println!(
         "timing {} steps of each phase for the time budget…",
         dsr_train::budget::TIMED_STEPS
@@ -287,8 +289,24 @@ pub fn plan_to_budget(
     let plan = dsr_train::budget::plan_run(cfg, budget, started, device, test)
         .context("cannot plan the run to the time budget")?;
     println!("{plan}");
+    println!(
+        "  (phase 2 is re-planned about every {:.0} s from the measured step time, until its learning-rate drop)",
+        dsr_train::budget::REPLAN_INTERVAL_SECONDS
+    );
     plan.apply(cfg);
-    Ok(())
+    Ok(Deadline::new(started, plan))
+}
+
+/// Prints the command's wall time against its budget.
+fn report_budget(deadline: &Deadline, started: Instant) {
+    let took = started.elapsed().as_secs_f64();
+    let budget = deadline.plan.budget_seconds;
+    println!(
+        "wall time {} of a {} budget ({:+.1} %)",
+        human(took),
+        human(budget),
+        100.0 * (took - budget) / budget
+    );
 }
 
 /// Runs a session with progress, then the test evaluation into the run folder.
@@ -317,6 +335,22 @@ pub fn run_session(session: &Session, device: &Device, test: bool) -> Result<Run
         }
         SessionEvent::Train(r) => progress.step(&r.losses),
         SessionEvent::Checkpoint { .. } => {}
+        SessionEvent::Replanned {
+            step,
+            phase2_steps,
+            phase3_steps,
+            step_seconds,
+        } => {
+            progress.message(&format!(
+                "after step {step}: steps take {step_seconds:.2} s, re-planned phase 2 to {phase2_steps} steps{}",
+                if *phase3_steps > 0 {
+                    format!(", phase 3 to {phase3_steps}")
+                } else {
+                    String::new()
+                }
+            ));
+            progress.set_total(*phase2_steps);
+        }
         SessionEvent::Skipped { message } => progress.message(&format!("skipped: {message}")),
         SessionEvent::Resumed { path, step } => progress.message(&format!(
             "resuming from {} after step {step}",
@@ -419,14 +453,22 @@ pub fn train(
             // Everything that can be checked is checked before the run folder is made and
             // before any step is timed or taken.
             dsr_train::session::preflight(&cfg, test)?;
-            if let Some(budget) = o.time_budget {
-                plan_to_budget(&mut cfg, budget, started, &device, test)?;
+            let deadline = match o.time_budget {
+                Some(budget) => Some(plan_to_budget(&mut cfg, budget, started, &device, test)?),
+                None => None,
+            };
+            let session = Session::create(cfg)?;
+            match deadline {
+                Some(d) => session.with_deadline(d),
+                None => session,
             }
-            Session::create(cfg)?
         }
     }
     .with_execution(exec);
     run_session(&session, &device, test)?;
+    if let Some(d) = session.deadline() {
+        report_budget(&d, started);
+    }
     Ok(())
 }
 
@@ -642,11 +684,25 @@ pub fn demo(a: &DemoArgs, exec: Execution) -> Result<()> {
     let started = Instant::now();
     let device = a.device.device()?;
     let mut cfg = demo_config(data, a.results.clone(), a.quick, a.seed);
-    if !a.quick {
-        plan_to_budget(&mut cfg, a.time_budget, started, &device, true)?;
+    let deadline = if a.quick {
+        None
+    } else {
+        Some(plan_to_budget(
+            &mut cfg,
+            a.time_budget,
+            started,
+            &device,
+            true,
+        )?)
+    };
+    let mut session = Session::create(cfg)?.with_execution(exec);
+    if let Some(d) = deadline {
+        session = session.with_deadline(d);
     }
-    let session = Session::create(cfg)?.with_execution(exec);
     run_session(&session, &device, true)?;
+    if let Some(d) = &deadline {
+        report_budget(d, started);
+    }
     println!(
         "report: {}",
         session.dir().path.join("report.html").display()

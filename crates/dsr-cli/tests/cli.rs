@@ -527,3 +527,91 @@ fn cuda_on_a_cpu_build_says_how_to_build_with_cuda() {
     );
     assert!(!err.contains("nonexistent"), "{err}");
 }
+
+#[test]
+fn a_budgeted_run_replans_to_its_deadline_and_records_the_lengths() {
+    use dsr_train::budget::{BudgetPlan, BudgetSplit, Deadline, StepTimes};
+    use dsr_train::session::{RunConfig, Session, SessionEvent};
+    use dsr_train::train::Schedule;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    make_dataset(&data);
+    let mut cfg = RunConfig::default();
+    cfg.data.root = data;
+    cfg.output.results = dir.path().join("results");
+    cfg.vq.pretrain = true;
+    cfg.pretrain.steps = 2;
+    cfg.pretrain.crop = 64;
+    cfg.train.model = dsr_core::DsrConfig::tiny();
+    cfg.train.image_size = [64, 64];
+    cfg.train.batch_size = 1;
+    cfg.train.schedule = Schedule::Original {
+        phase2_steps: 40,
+        phase3_steps: 5,
+        lr_drop_fraction: 0.8,
+    };
+    let cfg = cfg.with_overrides(&[]).unwrap();
+    // A plan whose budget has already run out, re-planned after every step: after the warm-up
+    // step and one timed step, phase 2 ends as soon as its learning-rate drop allows
+    // (0.8 · 3 = 2, at the next step) and phase 3 is dropped.
+    let started = std::time::Instant::now() - std::time::Duration::from_secs(10);
+    let times = StepTimes {
+        phase1: None,
+        phase2: 1e-3,
+        phase3: 1e-3,
+        evaluation: 0.0,
+    };
+    let plan = BudgetPlan {
+        budget_seconds: 1.0,
+        spent_seconds: 0.0,
+        times,
+        split: BudgetSplit {
+            phase1: 0.0,
+            phase3: 0.1,
+        },
+        pretrain_steps: 2,
+        phase2_steps: 40,
+        phase3_steps: 5,
+        predicted_seconds: 1.0,
+    };
+    let deadline = Deadline {
+        interval_seconds: 0.0,
+        ..Deadline::new(started, plan)
+    };
+    assert!(deadline.seconds_left() < 0.0);
+    let session = Session::create(cfg).unwrap().with_deadline(deadline);
+    let mut replans = Vec::new();
+    let mut steps = 0;
+    session
+        .run(&Device::Cpu, &mut |e| match e {
+            SessionEvent::Replanned {
+                step,
+                phase2_steps,
+                phase3_steps,
+                step_seconds,
+            } => {
+                assert!(*step_seconds > 0.0);
+                replans.push((*step, *phase2_steps, *phase3_steps));
+            }
+            SessionEvent::Train(_) => steps += 1,
+            _ => {}
+        })
+        .unwrap();
+    assert_eq!(replans, [(2, 3, 0)]);
+    assert_eq!(steps, 3);
+    // The run's configuration says what it ran; a resume reads it back unchanged.
+    let run_dir = session.dir().path.clone();
+    drop(session);
+    let written = Session::read_config(&run_dir).unwrap();
+    assert_eq!(
+        written.train.schedule,
+        Schedule::Original {
+            phase2_steps: 3,
+            phase3_steps: 0,
+            lr_drop_fraction: 0.8
+        }
+    );
+    let resumed = Session::resume(&run_dir).unwrap();
+    assert_eq!(resumed.config(), &written);
+}

@@ -247,6 +247,99 @@ impl std::fmt::Display for BudgetPlan {
     }
 }
 
+/// Seconds between two re-plannings of a budgeted run: long enough that the measured step time
+/// averages over dozens of small steps, short enough to follow a host whose speed drifts.
+pub const REPLAN_INTERVAL_SECONDS: f64 = 60.0;
+
+/// The end of a budgeted run, kept while it trains so that the phase lengths follow the step
+/// time actually measured rather than the few timed steps at the start (a host's speed drifts
+/// by 10–30 % over minutes: other processes, turbo, thermal limits).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    /// When the budget runs out.
+    pub end: Instant,
+    /// The plan made at the start: its step times and evaluation estimate.
+    pub plan: BudgetPlan,
+    /// Seconds of phase 2 between two re-plannings ([`REPLAN_INTERVAL_SECONDS`]).
+    pub interval_seconds: f64,
+}
+
+impl Deadline {
+    /// The deadline of `plan`, whose budget counts from `started`.
+    pub fn new(started: Instant, plan: BudgetPlan) -> Self {
+        Self {
+            end: started + std::time::Duration::from_secs_f64(plan.budget_seconds),
+            plan,
+            interval_seconds: REPLAN_INTERVAL_SECONDS,
+        }
+    }
+
+    /// Seconds left until the deadline (negative once it has passed).
+    pub fn seconds_left(&self) -> f64 {
+        let now = Instant::now();
+        if now <= self.end {
+            (self.end - now).as_secs_f64()
+        } else {
+            -(now - self.end).as_secs_f64()
+        }
+    }
+}
+
+/// New phase-2/3 lengths for a run `step` steps into phase 2 with `left` seconds of its budget
+/// to go, whose phase-2 steps now take `observed` seconds each.
+///
+/// Every planned time (the phase-3 step, the evaluation at the end) is scaled by how much slower
+/// or faster the phase-2 steps run than `times` said; the time left after the evaluation is
+/// shared between the rest of phase 2 and phase 3 as the current lengths share it. Phase 2 keeps
+/// at least one more step. The learning-rate drop at `lr_drop_fraction` of phase 2 must not
+/// move across steps already taken: when it is still ahead, phase 2 is kept long enough that it
+/// stays ahead; when it has been taken, `None` (the lengths can no longer change).
+///
+/// ```
+/// use dsr_train::budget::{replan_steps, StepTimes};
+///
+/// let times = StepTimes { phase1: None, phase2: 1.0, phase3: 1.0, evaluation: 60.0 };
+/// // 100 of 500 steps taken; the steps take 1.25 s, not 1.0 s; 500 s are left.
+/// let (p2, p3) = replan_steps(500.0, 100, 500, 0, 1.25, &times, 0.8).unwrap();
+/// assert_eq!((p2, p3), (100 + 340, 0)); // (500 − 60 · 1.25) / 1.25
+/// ```
+pub fn replan_steps(
+    left: f64,
+    step: u64,
+    phase2_steps: u64,
+    phase3_steps: u64,
+    observed: f64,
+    times: &StepTimes,
+    lr_drop_fraction: f64,
+) -> Option<(u64, u64)> {
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    if !positive(observed) || !positive(times.phase2) || !left.is_finite() || step >= phase2_steps {
+        return None;
+    }
+    let drop = |n: u64| (n as f64 * lr_drop_fraction) as u64;
+    // The drop was taken at an earlier step: moving it would change the steps already taken.
+    if drop(phase2_steps) < step {
+        return None;
+    }
+    let scale = observed / times.phase2;
+    let phase3_step = times.phase3 * scale;
+    let rest2 = (phase2_steps - step) as f64 * observed;
+    let rest3 = phase3_steps as f64 * phase3_step;
+    let available = (left - times.evaluation * scale).max(0.0);
+    let share3 = rest3 / (rest2 + rest3);
+    let mut new2 = step + ((available * (1.0 - share3) / observed).floor() as u64).max(1);
+    // Keep the drop ahead of (or at) the next step.
+    while drop(new2) < step {
+        new2 += 1;
+    }
+    let new3 = if phase3_steps == 0 || !positive(phase3_step) {
+        phase3_steps
+    } else {
+        (available * share3 / phase3_step).floor() as u64
+    };
+    Some((new2, new3))
+}
+
 /// Parses a duration: a number with the unit `s`, `m` or `h` (`90s`, `20m`, `1.5h`), or
 /// several of them (`1h30m`). A bare number is minutes.
 pub fn parse_duration(text: &str) -> Result<f64> {
@@ -529,6 +622,40 @@ mod tests {
         assert!((long.phase3 - 0.25).abs() < 1e-12, "{long:?}");
         let given = BudgetSplit::for_budget(900.0, &StepTimes { phase1: None, ..t });
         assert_eq!(given.phase1, 0.0);
+    }
+
+    #[test]
+    fn replanning_follows_the_measured_step_time() {
+        let t = StepTimes {
+            phase1: None,
+            phase2: 1.0,
+            phase3: 0.5,
+            evaluation: 100.0,
+        };
+        // As planned: 200 of 600 steps taken, 400 + 200 · 0.5 + 100 = 600 s of work left.
+        assert_eq!(
+            replan_steps(600.5, 200, 600, 200, 1.0, &t, 0.8),
+            Some((600, 200))
+        );
+        // Steps 25 % slower: every time scales (evaluation 125 s, phase-3 steps 0.625 s) and
+        // the 485 s left after the evaluation are shared 4:1 as before.
+        let (p2, p3) = replan_steps(610.0, 200, 600, 200, 1.25, &t, 0.8).unwrap();
+        assert_eq!((p2, p3), (200 + 310, 155)); // 388 / 1.25 = 310.4, 97 / 0.625 = 155.2
+        let predicted = (p2 - 200) as f64 * 1.25 + p3 as f64 * 0.625 + 125.0;
+        assert!(predicted <= 610.0 && predicted > 610.0 - 2.0, "{predicted}");
+        // Faster steps lengthen the run: (600 − 50) / 0.5 steps.
+        let (p2, _) = replan_steps(600.0, 200, 600, 0, 0.5, &t, 0.8).unwrap();
+        assert_eq!(p2, 200 + 1100);
+        // Out of time: phase 2 ends as soon as the learning-rate drop stays at or after the
+        // steps taken (0.8 · 250 = 200); no phase 3.
+        let (p2, p3) = replan_steps(-5.0, 200, 600, 200, 1.0, &t, 0.8).unwrap();
+        assert_eq!((p2, p3), (250, 0));
+        // Once the drop has been taken the lengths stay.
+        assert_eq!(replan_steps(600.0, 500, 600, 0, 1.25, &t, 0.8), None);
+        // Nothing to re-plan after phase 2, or from an unusable time.
+        assert_eq!(replan_steps(600.0, 600, 600, 10, 1.0, &t, 0.8), None);
+        assert_eq!(replan_steps(600.0, 10, 600, 0, f64::NAN, &t, 0.8), None);
+        assert_eq!(replan_steps(600.0, 10, 600, 0, 0.0, &t, 0.8), None);
     }
 
     #[test]

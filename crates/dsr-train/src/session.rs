@@ -47,6 +47,7 @@ use dsr_eval::postprocess::METADATA_KEY;
 use dsr_eval::{evaluate, Detector, EvalOptions, Evaluation, Metrics, PostProcessor};
 use serde::{Deserialize, Serialize};
 
+use crate::budget::{replan_steps, Deadline};
 use crate::codebook::GeneralCodebook;
 use crate::data::{
     split_validation, Entry, FolderDataset, FolderLayout, Listing, LoadConfig, MvtecDataset,
@@ -54,7 +55,7 @@ use crate::data::{
 };
 use crate::pipeline::{load_image_batch_with, samples_of};
 use crate::pretrain::{PretrainConfig, PretrainReport, Pretrainer};
-use crate::train::{Phase, Result, StepReport, TrainConfig, TrainError, Trainer};
+use crate::train::{Phase, Result, Schedule, StepReport, TrainConfig, TrainError, Trainer};
 
 /// The run configuration file inside a run folder.
 pub const CONFIG_FILE: &str = "config.toml";
@@ -870,6 +871,17 @@ pub enum SessionEvent {
         /// Steps already taken.
         step: u64,
     },
+    /// A budgeted run changed its phase lengths to end by its deadline.
+    Replanned {
+        /// Steps taken.
+        step: u64,
+        /// The new length of phase 2.
+        phase2_steps: u64,
+        /// The new length of phase 3.
+        phase3_steps: u64,
+        /// The phase-2 step time measured since the last re-planning, seconds.
+        step_seconds: f64,
+    },
     /// Every map was measured on the validation set and one was chosen as the output.
     OutputMap {
         /// The map the model outputs ([`MapCandidate::label`]).
@@ -905,6 +917,7 @@ pub struct Session {
     cfg: RunConfig,
     dir: RunDir,
     exec: Execution,
+    deadline: Option<Deadline>,
     _lock: std::sync::Arc<dsr_core::files::FolderLock>,
 }
 
@@ -941,6 +954,7 @@ impl Session {
             cfg,
             dir,
             exec: Execution::default(),
+            deadline: None,
             _lock: lock,
         })
     }
@@ -963,6 +977,7 @@ impl Session {
             cfg,
             dir,
             exec: Execution::default(),
+            deadline: None,
             _lock: lock,
         })
     }
@@ -978,6 +993,20 @@ impl Session {
     pub fn with_execution(mut self, exec: Execution) -> Self {
         self.exec = exec;
         self
+    }
+
+    /// The session re-planning phases 2 and 3 to end by `deadline`: about every
+    /// [`crate::budget::REPLAN_INTERVAL_SECONDS`] of phase 2, from the step time it measures, until the
+    /// learning-rate drop (see [`replan_steps`]). The new lengths go into `config.toml` and the
+    /// next checkpoint.
+    pub fn with_deadline(mut self, deadline: Deadline) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// The deadline it re-plans to, if any.
+    pub fn deadline(&self) -> Option<Deadline> {
+        self.deadline
     }
 
     /// How its models compute.
@@ -1015,7 +1044,7 @@ impl Session {
         let last = self.dir.last_checkpoint();
         let mut trainer = if last.is_file() {
             let trainer = Trainer::resume(&last, images, device)?.with_execution(self.exec);
-            if trainer.config() != &cfg.train {
+            if !same_but_lengths(trainer.config(), &cfg.train) {
                 return Err(TrainError::Checkpoint {
                     path: last.display().to_string(),
                     message: format!(
@@ -1035,10 +1064,18 @@ impl Session {
         };
         let mut log = MetricsLog::open(&self.dir.metrics_log_path(), Some(trainer.step()))?;
 
-        let plan = *trainer.plan();
+        // A re-planned run's checkpoint may hold other phase lengths than `config.toml` (a
+        // stop between the two writes): the checkpoint's are the ones its steps followed.
+        let mut run_cfg = cfg.clone();
+        if run_cfg.train != *trainer.config() {
+            run_cfg.train = trainer.config().clone();
+            write_atomic(&self.dir.config_path(), run_cfg.to_toml()?.as_bytes())?;
+        }
         let mut phase = None;
+        let mut window = ReplanWindow::new(trainer.step());
         while !trainer.is_done() {
             let step = trainer.step();
+            let plan = *trainer.plan();
             if phase != Some(trainer.phase()) {
                 phase = Some(trainer.phase());
                 let (number, done, total) = match trainer.phase() {
@@ -1060,6 +1097,21 @@ impl Session {
                 "elapsed_s": start.elapsed().as_secs_f64(),
             }))?;
             on_event(&SessionEvent::Train(report));
+            if let Some(deadline) = &self.deadline {
+                if let Some((phase2_steps, phase3_steps, observed)) =
+                    window.replan(&trainer, deadline)
+                {
+                    trainer.replan(phase2_steps, phase3_steps)?;
+                    run_cfg.train = trainer.config().clone();
+                    write_atomic(&self.dir.config_path(), run_cfg.to_toml()?.as_bytes())?;
+                    on_event(&SessionEvent::Replanned {
+                        step: trainer.step(),
+                        phase2_steps,
+                        phase3_steps,
+                        step_seconds: observed,
+                    });
+                }
+            }
             if trainer.step() % cfg.output.checkpoint_every == 0 || trainer.is_done() {
                 trainer.save(&last)?;
                 on_event(&SessionEvent::Checkpoint {
@@ -1070,6 +1122,7 @@ impl Session {
         }
 
         // Every map is measured on the validation set; the model outputs the chosen one.
+        let plan = *trainer.plan();
         let mut model = trainer.inference_model()?;
         if cfg.output.feature_memory {
             let train_images = self.load_training_images(&splits.train, size, &mut |_| {})?;
@@ -1306,6 +1359,77 @@ impl Session {
     }
 }
 
+/// Whether two training configurations differ at most in the lengths of phases 2 and 3 of a
+/// schedule counted in steps (what re-planning changes).
+fn same_but_lengths(a: &TrainConfig, b: &TrainConfig) -> bool {
+    let unlengthed = |c: &TrainConfig| match c.schedule {
+        Schedule::Original {
+            lr_drop_fraction, ..
+        } => TrainConfig {
+            schedule: Schedule::Original {
+                phase2_steps: 0,
+                phase3_steps: 0,
+                lr_drop_fraction,
+            },
+            ..c.clone()
+        },
+        _ => c.clone(),
+    };
+    unlengthed(a) == unlengthed(b)
+}
+
+/// The phase-2 steps timed since the last re-planning of a budgeted run.
+struct ReplanWindow {
+    since: Instant,
+    first_step: u64,
+}
+
+impl ReplanWindow {
+    /// A window opening after the step about to be taken (the first step of a process is a
+    /// warm-up: slower than the rest).
+    fn new(step: u64) -> Self {
+        Self {
+            since: Instant::now(),
+            first_step: step + 1,
+        }
+    }
+
+    /// New phase lengths, and the step time they come from, when the window has lasted
+    /// the deadline's interval of phase 2 and the lengths change; the window restarts.
+    fn replan(&mut self, trainer: &Trainer, deadline: &Deadline) -> Option<(u64, u64, f64)> {
+        let step = trainer.step();
+        if step <= self.first_step {
+            // The warm-up step just ended: time from here.
+            self.since = Instant::now();
+            return None;
+        }
+        let elapsed = self.since.elapsed().as_secs_f64();
+        let plan = *trainer.plan();
+        if elapsed < deadline.interval_seconds || step >= plan.phase2_steps {
+            return None;
+        }
+        let Schedule::Original {
+            lr_drop_fraction, ..
+        } = trainer.config().schedule
+        else {
+            return None;
+        };
+        let observed = elapsed / (step - self.first_step) as f64;
+        self.since = Instant::now();
+        self.first_step = step;
+        let (p2, p3) = replan_steps(
+            deadline.seconds_left(),
+            step,
+            plan.phase2_steps,
+            plan.phase3_steps,
+            observed,
+            &deadline.plan.times,
+            lr_drop_fraction,
+        )?;
+        ((p2, p3) != (plan.phase2_steps, plan.phase3_steps)).then_some((p2, p3, observed))
+    }
+}
+
 /// The append-only `metrics.jsonl`.
 struct MetricsLog {
     path: PathBuf,
@@ -1363,6 +1487,42 @@ impl MetricsLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resume_accepts_replanned_lengths_and_nothing_else() {
+        let base = RunConfig::default().train;
+        let lengths = |p2, p3| TrainConfig {
+            schedule: Schedule::Original {
+                phase2_steps: p2,
+                phase3_steps: p3,
+                lr_drop_fraction: 0.8,
+            },
+            ..base.clone()
+        };
+        assert!(same_but_lengths(&lengths(100, 0), &lengths(87, 3)));
+        let mut other = lengths(87, 3);
+        other.adam.lr *= 2.0;
+        assert!(!same_but_lengths(&lengths(100, 0), &other));
+        let other_drop = TrainConfig {
+            schedule: Schedule::Original {
+                phase2_steps: 100,
+                phase3_steps: 0,
+                lr_drop_fraction: 0.5,
+            },
+            ..base.clone()
+        };
+        assert!(!same_but_lengths(&lengths(100, 0), &other_drop));
+        let epochs = |n| TrainConfig {
+            schedule: Schedule::Anomalib {
+                epochs: n,
+                upsampling_train_ratio: 0.7,
+                never_stepped_scheduler: false,
+            },
+            ..base.clone()
+        };
+        assert!(same_but_lengths(&epochs(10), &epochs(10)));
+        assert!(!same_but_lengths(&epochs(10), &epochs(12)));
+    }
 
     #[test]
     fn the_toml_round_trips_and_overrides_reach_nested_fields() {

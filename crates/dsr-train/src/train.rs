@@ -540,6 +540,47 @@ impl Trainer {
         &self.plan
     }
 
+    /// Changes the lengths of phases 2 and 3 of an `Original` schedule while phase 2 runs (a
+    /// budgeted run re-planned from the step times it measures). Refused when the schedule is
+    /// anomalib's (counted in epochs), when phase 2 would end before the next step, or when the
+    /// learning-rate drop would move across a step already taken.
+    pub fn replan(&mut self, phase2_steps: u64, phase3_steps: u64) -> Result<()> {
+        let Schedule::Original {
+            lr_drop_fraction, ..
+        } = self.cfg.schedule
+        else {
+            return Err(TrainError::Config(
+                "only a schedule counted in steps can be re-planned".into(),
+            ));
+        };
+        if phase2_steps <= self.step || self.step >= self.plan.phase2_steps {
+            return Err(TrainError::Config(format!(
+                "phase 2 cannot end at step {phase2_steps} after {} steps",
+                self.step
+            )));
+        }
+        let schedule = Schedule::Original {
+            phase2_steps,
+            phase3_steps,
+            lr_drop_fraction,
+        };
+        let cfg = TrainConfig {
+            schedule,
+            ..self.cfg.clone()
+        };
+        let plan = Plan::new(&cfg, self.images.n)?;
+        let taken = |d: Option<u64>| d.map(|d| d.min(self.step));
+        if taken(plan.lr_drop_step) != taken(self.plan.lr_drop_step) {
+            return Err(TrainError::Config(format!(
+                "phase 2 of {phase2_steps} steps would move the learning-rate drop across steps already taken ({})",
+                self.step
+            )));
+        }
+        self.cfg = cfg;
+        self.plan = plan;
+        Ok(())
+    }
+
     /// Steps taken so far.
     pub fn step(&self) -> u64 {
         self.step

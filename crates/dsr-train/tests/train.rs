@@ -95,6 +95,60 @@ fn a_seeded_run_is_reproducible_and_resumes_as_if_never_stopped() {
 }
 
 #[test]
+fn a_replanned_run_equals_one_planned_with_the_new_lengths() {
+    // Planned 4 + 0 steps (drop after 2), re-planned after one step to 6 + 1 (drop after 3):
+    // the steps taken, the learning rates and the weights equal those of a run given 6 + 1
+    // from the start.
+    let discrete = discrete_checkpoint(&config(4, 0).model);
+    let mut a = Trainer::new(config(4, 0), &discrete, images(3), &Device::Cpu).unwrap();
+    let mut reports_a = vec![a.train_step().unwrap()];
+    a.replan(6, 1).unwrap();
+    assert_eq!(a.config(), &config(6, 1));
+    assert_eq!(a.plan().lr_drop_step, Some(3));
+    while !a.is_done() {
+        reports_a.push(a.train_step().unwrap());
+    }
+    let mut b = Trainer::new(config(6, 1), &discrete, images(3), &Device::Cpu).unwrap();
+    let mut reports_b = Vec::new();
+    while !b.is_done() {
+        reports_b.push(b.train_step().unwrap());
+    }
+    assert_eq!(reports_a.len(), 7);
+    assert_eq!(reports_a, reports_b);
+    assert_eq!(snapshot(&a), snapshot(&b));
+
+    // Refused: phase 2 ending before the next step, a drop moved across a step taken, a
+    // schedule counted in epochs.
+    let mut c = Trainer::new(config(8, 0), &discrete, images(3), &Device::Cpu).unwrap();
+    for _ in 0..3 {
+        c.train_step().unwrap();
+    }
+    let err = c.replan(3, 0).unwrap_err().to_string();
+    assert!(err.contains("cannot end at step 3"), "{err}");
+    // Drop after 4 (of 8) is ahead of step 3; 4 steps would put it at 2, behind.
+    let err = c.replan(4, 0).unwrap_err().to_string();
+    assert!(err.contains("learning-rate drop"), "{err}");
+    assert_eq!(c.plan().phase2_steps, 8);
+    c.replan(6, 0).unwrap();
+    assert_eq!(c.plan().lr_drop_step, Some(3));
+    let mut d = Trainer::new(
+        TrainConfig {
+            schedule: Schedule::Anomalib {
+                epochs: 4,
+                upsampling_train_ratio: 0.7,
+                never_stepped_scheduler: false,
+            },
+            ..config(1, 1)
+        },
+        &discrete,
+        images(3),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(d.replan(10, 0).is_err());
+}
+
+#[test]
 fn each_phase_changes_only_its_own_modules() {
     let cfg = config(1, 1);
     let discrete = discrete_checkpoint(&cfg.model);
