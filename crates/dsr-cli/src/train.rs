@@ -121,7 +121,8 @@ pub struct TrainOverrides {
     pub pretrain: bool,
     /// Plan phases 1-3 to finish within this wall time, e.g. 20m, 2h or 1h30m (a bare number
     /// is minutes): a few steps of each phase are timed first, then the budget is shared
-    /// (a quarter for phase 1 when it runs; phase 3 only for long runs) and the plan printed.
+    /// (a quarter for phase 1 when it runs; phase 3 only for long runs) and the plan printed;
+    /// phase 2 is re-planned about every minute from its measured step time.
     #[arg(long, value_name = "DURATION", value_parser = parse_budget, conflicts_with_all = ["pretrain_steps", "phase2_steps", "phase3_steps"])]
     pub time_budget: Option<f64>,
     /// Phase-1 steps (implies --pretrain). Default 2000.
