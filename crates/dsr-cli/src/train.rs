@@ -298,10 +298,10 @@ pub fn plan_to_budget(
     Ok(Deadline::new(started, plan))
 }
 
-/// Prints the command's wall time against its budget.
-fn report_budget(deadline: &Deadline, started: Instant) {
-    let took = started.elapsed().as_secs_f64();
+/// Prints the command's wall time against its budget (which started `budget` before `end`).
+fn report_budget(deadline: &Deadline) {
     let budget = deadline.plan.budget_seconds;
+    let took = budget - deadline.seconds_left();
     println!(
         "wall time {} of a {} budget ({:+.1} %)",
         human(took),
@@ -310,7 +310,16 @@ fn report_budget(deadline: &Deadline, started: Instant) {
     );
 }
 
-/// Runs a session with progress, then the test evaluation into the run folder.
+/// `session`, re-planning to `deadline` when there is one.
+fn with_deadline(session: Session, deadline: Option<Deadline>) -> Session {
+    match deadline {
+        Some(d) => session.with_deadline(d),
+        None => session,
+    }
+}
+
+/// Runs a session with progress, then the test evaluation into the run folder; a budgeted run
+/// ends with its wall time against the budget.
 pub fn run_session(session: &Session, device: &Device, test: bool) -> Result<RunOutcome> {
     let started = Instant::now();
     println!("run folder: {}", session.dir().path.display());
@@ -395,6 +404,9 @@ pub fn run_session(session: &Session, device: &Device, test: bool) -> Result<Run
             )
         })?;
     }
+    if let Some(d) = session.deadline() {
+        report_budget(&d);
+    }
     Ok(outcome)
 }
 
@@ -454,22 +466,15 @@ pub fn train(
             // Everything that can be checked is checked before the run folder is made and
             // before any step is timed or taken.
             dsr_train::session::preflight(&cfg, test)?;
-            let deadline = match o.time_budget {
-                Some(budget) => Some(plan_to_budget(&mut cfg, budget, started, &device, test)?),
-                None => None,
-            };
-            let session = Session::create(cfg)?;
-            match deadline {
-                Some(d) => session.with_deadline(d),
-                None => session,
-            }
+            let deadline = o
+                .time_budget
+                .map(|budget| plan_to_budget(&mut cfg, budget, started, &device, test))
+                .transpose()?;
+            with_deadline(Session::create(cfg)?, deadline)
         }
     }
     .with_execution(exec);
     run_session(&session, &device, test)?;
-    if let Some(d) = session.deadline() {
-        report_budget(&d, started);
-    }
     Ok(())
 }
 
@@ -685,25 +690,11 @@ pub fn demo(a: &DemoArgs, exec: Execution) -> Result<()> {
     let started = Instant::now();
     let device = a.device.device()?;
     let mut cfg = demo_config(data, a.results.clone(), a.quick, a.seed);
-    let deadline = if a.quick {
-        None
-    } else {
-        Some(plan_to_budget(
-            &mut cfg,
-            a.time_budget,
-            started,
-            &device,
-            true,
-        )?)
-    };
-    let mut session = Session::create(cfg)?.with_execution(exec);
-    if let Some(d) = deadline {
-        session = session.with_deadline(d);
-    }
+    let deadline = (!a.quick)
+        .then(|| plan_to_budget(&mut cfg, a.time_budget, started, &device, true))
+        .transpose()?;
+    let session = with_deadline(Session::create(cfg)?, deadline).with_execution(exec);
     run_session(&session, &device, true)?;
-    if let Some(d) = &deadline {
-        report_budget(d, started);
-    }
     println!(
         "report: {}",
         session.dir().path.join("report.html").display()
