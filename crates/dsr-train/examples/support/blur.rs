@@ -17,30 +17,37 @@ pub fn blur(maps: &[f32], h: usize, w: usize, sigma: f32) -> Vec<f32> {
         return maps.to_vec();
     }
     let k = gaussian(sigma);
-    let r = (k.len() / 2) as i64;
     let mut out = vec![0f32; maps.len()];
     let mut tmp = vec![0f32; h * w];
     for (src, dst) in maps.chunks(h * w).zip(out.chunks_mut(h * w)) {
-        for y in 0..h {
-            for x in 0..w {
-                let mut acc = 0.0;
-                for (j, kv) in k.iter().enumerate() {
-                    let xx = (x as i64 + j as i64 - r).clamp(0, w as i64 - 1) as usize;
-                    acc += kv * src[y * w + xx];
-                }
-                tmp[y * w + x] = acc;
-            }
-        }
-        for y in 0..h {
-            for x in 0..w {
-                let mut acc = 0.0;
-                for (j, kv) in k.iter().enumerate() {
-                    let yy = (y as i64 + j as i64 - r).clamp(0, h as i64 - 1) as usize;
-                    acc += kv * tmp[yy * w + x];
-                }
-                dst[y * w + x] = acc;
-            }
-        }
+        // Rows (w pixels one apart, h of them w apart), then columns.
+        smooth_lines(src, &mut tmp, &k, w, 1, h, w);
+        smooth_lines(&tmp, dst, &k, h, w, w, 1);
     }
     out
+}
+
+/// Convolves `lines` lines of `len` samples (`step` apart; line `i` starts at `i * stride`)
+/// with the odd kernel `k`, repeating the edge samples.
+fn smooth_lines(
+    src: &[f32],
+    dst: &mut [f32],
+    k: &[f32],
+    len: usize,
+    step: usize,
+    lines: usize,
+    stride: usize,
+) {
+    let r = (k.len() / 2) as i64;
+    for line in 0..lines {
+        let at = |i: usize| line * stride + i * step;
+        for i in 0..len {
+            let mut acc = 0.0;
+            for (j, kv) in k.iter().enumerate() {
+                let ii = (i as i64 + j as i64 - r).clamp(0, len as i64 - 1) as usize;
+                acc += kv * src[at(ii)];
+            }
+            dst[at(i)] = acc;
+        }
+    }
 }
