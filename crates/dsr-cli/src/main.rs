@@ -215,6 +215,31 @@ fn parse_size(s: &str) -> std::result::Result<[usize; 2], String> {
     }
 }
 
+/// Parses `--image-size`: `H,W`, `auto` or `auto:N` (N a side of at least 64).
+fn parse_size_arg(s: &str) -> std::result::Result<train::SizeArg, String> {
+    let t = s.trim();
+    match t.strip_prefix("auto") {
+        Some("") => Ok(train::SizeArg::Shaped(None)),
+        Some(rest) => {
+            let n = rest.strip_prefix(':').ok_or_else(|| {
+                format!("expected H,W, auto or auto:N (for example auto:128), got '{s}'")
+            })?;
+            let n: usize = n
+                .trim()
+                .parse()
+                .map_err(|_| format!("'{n}' is not a whole number (auto:N takes a side in pixels, for example auto:128)"))?;
+            if !(64..=dsr_core::config::MAX_IMAGE_SIDE).contains(&n) {
+                return Err(format!(
+                    "auto:{n}: the side must lie between 64 and {}",
+                    dsr_core::config::MAX_IMAGE_SIDE
+                ));
+            }
+            Ok(train::SizeArg::Shaped(Some(n)))
+        }
+        None => parse_size(t).map(train::SizeArg::Exact),
+    }
+}
+
 fn main() -> ExitCode {
     // clap prints help and version with exit code 0 and usage errors with exit code 2.
     let cli = Cli::parse();
@@ -382,6 +407,13 @@ mod tests {
         assert!(parse_size("65,64").is_err());
         assert!(parse_size("64").is_err());
         assert!(parse_size("a,64").is_err());
+        use train::SizeArg;
+        assert_eq!(parse_size_arg("96,160"), Ok(SizeArg::Exact([96, 160])));
+        assert_eq!(parse_size_arg("auto"), Ok(SizeArg::Shaped(None)));
+        assert_eq!(parse_size_arg("auto:128"), Ok(SizeArg::Shaped(Some(128))));
+        for bad in ["auto:12", "auto:x", "auto128", "automatic", "65,64"] {
+            assert!(parse_size_arg(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

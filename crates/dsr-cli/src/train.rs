@@ -131,9 +131,12 @@ pub struct TrainOverrides {
     /// The model configuration. Default: reference (the paper's widths).
     #[arg(long, value_enum, value_name = "PRESET")]
     pub preset: Option<Preset>,
-    /// Training image size H,W (multiples of 32, at least 64). Default 256,256.
-    #[arg(long, value_name = "H,W", value_parser = crate::parse_size)]
-    pub image_size: Option<[usize; 2]>,
+    /// Training image size: H,W (multiples of 32, at least 64), or `auto:N` for about N×N
+    /// pixels with the height and width matched to the training images' median shape (a
+    /// 400×256 photo at auto:128 trains at 96×160; a square one at 128×128), or `auto` for
+    /// the configured size's pixel count. Default 256,256.
+    #[arg(long, value_name = "H,W|auto[:N]", value_parser = crate::parse_size_arg)]
+    pub image_size: Option<SizeArg>,
     /// Images per step (1 to 4096). Default 8.
     #[arg(long, value_name = "N", value_parser = crate::parse_batch)]
     pub batch: Option<usize>,
@@ -208,9 +211,8 @@ pub fn resolve_config(o: &TrainOverrides) -> Result<RunConfig> {
     if let Some(s) = o.pretrain_steps {
         cfg.pretrain.steps = s;
     }
-    if let Some(s) = o.image_size {
-        cfg.train.image_size = s;
-        cfg.pretrain.crop = cfg.pretrain.crop.min(s[0]).min(s[1]);
+    if let Some(SizeArg::Exact(s)) = o.image_size {
+        set_image_size(&mut cfg, s);
     }
     if let Some(b) = o.batch {
         cfg.train.batch_size = b;
@@ -253,6 +255,10 @@ pub fn resolve_config(o: &TrainOverrides) -> Result<RunConfig> {
         cfg.data.max_pixels = p;
     }
     let mut cfg = cfg.with_overrides(&o.set)?;
+    if let Some(SizeArg::Shaped(side)) = o.image_size {
+        let size = shaped_size(&cfg, side)?;
+        set_image_size(&mut cfg, size);
+    }
     // A bare `--set vq.pretrain=true` (or `vq.general`) also counts. Without a source: the
     // cached official weights when they fit, else the general codebook shipped for the widths.
     if cfg.vq.weights.is_none() && !cfg.vq.pretrain && !cfg.vq.general {
@@ -266,6 +272,34 @@ pub fn resolve_config(o: &TrainOverrides) -> Result<RunConfig> {
         }
     }
     Ok(cfg)
+}
+
+/// `--image-size`: an exact size, or one shaped like the training images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeArg {
+    /// `H,W`.
+    Exact([usize; 2]),
+    /// `auto:N` (about N×N pixels) or `auto` (the configured size's pixel count), with the
+    /// training images' median width / height.
+    Shaped(Option<usize>),
+}
+
+fn set_image_size(cfg: &mut RunConfig, s: [usize; 2]) {
+    cfg.train.image_size = s;
+    cfg.pretrain.crop = cfg.pretrain.crop.min(s[0]).min(s[1]);
+}
+
+/// The size of `--image-size auto[:N]`: `side`² pixels (else the configured size's count)
+/// shaped like the median training image.
+pub fn shaped_size(cfg: &RunConfig, side: Option<usize>) -> Result<[usize; 2]> {
+    let listing = cfg.data.listing(cfg.train.seed)?;
+    let paths: Vec<PathBuf> = listing.train.iter().map(|e| e.path.clone()).collect();
+    let aspect = dsr_train::sizing::median_aspect(&paths)
+        .context("cannot read the training images' sizes for --image-size auto")?;
+    let [h, w] = cfg.train.image_size;
+    let pixels = side.map_or(h * w, |s| s * s);
+    let size = dsr_train::sizing::size_for_aspect(pixels, aspect, dsr_core::config::MAX_IMAGE_SIDE);
+    Ok(size)
 }
 
 /// Parses `--time-budget` into seconds.
@@ -463,6 +497,10 @@ pub fn train(
         }
         None => {
             let mut cfg = resolve_config(o)?;
+            if let Some(SizeArg::Shaped(_)) = o.image_size {
+                let [h, w] = cfg.train.image_size;
+                println!("image size: {h}×{w} (shaped like the training images)");
+            }
             // Everything that can be checked is checked before the run folder is made and
             // before any step is timed or taken.
             dsr_train::session::preflight(&cfg, test)?;

@@ -615,3 +615,59 @@ fn a_budgeted_run_replans_to_its_deadline_and_records_the_lengths() {
     let resumed = Session::resume(&run_dir).unwrap();
     assert_eq!(resumed.config(), &written);
 }
+
+#[test]
+fn an_auto_image_size_takes_the_shape_of_the_training_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("wide");
+    make_dataset(&root);
+    // Training images twice as wide as high (the test images do not count).
+    let train = root.join("train/good");
+    std::fs::remove_file(train.join("000.png")).unwrap();
+    for i in 0..3 {
+        make_image(&train.join(format!("00{i}.png")), 128, 64, false, i);
+    }
+    let size_of = |arg: &str| -> Vec<i64> {
+        let o = dsr(&[
+            "train",
+            "--data",
+            s(&root),
+            "--preset",
+            "small",
+            "--image-size",
+            arg,
+            "--print-config",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        // The printed TOML, whitespace removed: `image_size=[H,W,]` under [train].
+        let text: String = stdout(&o).split_whitespace().collect();
+        let at = text.find("image_size=[").expect("no image_size") + "image_size=[".len();
+        let end = at + text[at..].find(']').unwrap();
+        text[at..end]
+            .split(',')
+            .filter(|v| !v.is_empty())
+            .map(|v| v.parse().unwrap())
+            .collect()
+    };
+    // About 96×96 pixels shaped 2:1 is 64×128; about 128×128 is 96×192 (1.125 times the
+    // pixels: the exact ratio within a quarter of the budget).
+    assert_eq!(size_of("auto:96"), vec![64, 128]);
+    assert_eq!(size_of("auto:128"), vec![96, 192]);
+    // `auto` keeps the configured size's pixel count (256×256 by default).
+    assert_eq!(size_of("auto"), vec![192, 384]);
+    // An exact size stays as given.
+    assert_eq!(size_of("64,64"), vec![64, 64]);
+
+    // A training image whose header cannot be read is named.
+    std::fs::write(train.join("003.png"), b"not a png").unwrap();
+    let o = dsr(&[
+        "train",
+        "--data",
+        s(&root),
+        "--image-size",
+        "auto:128",
+        "--print-config",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stderr(&o).contains("003.png"), "{}", stderr(&o));
+}

@@ -17,4 +17,5 @@ pub mod optim;
 pub mod pipeline;
 pub mod pretrain;
 pub mod session;
+pub mod sizing;
 pub mod train;
