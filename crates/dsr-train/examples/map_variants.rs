@@ -1,0 +1,247 @@
+//! Variants of the output map of a trained run, measured on its validation and test splits: the
+//! detection map averaged over a horizontal flip, the feature-memory distance upsampled nearest or
+//! bilinear, computed from the image at the model size or at twice it, and their blends.
+//!
+//! ```sh
+//! cargo run --release -p dsr-train --example map_variants -- RUN_DIR
+//! ```
+//!
+//! `RUN_DIR` is a finished `dsr train` run folder; the splits are drawn again from its
+//! configuration and seed. Prints image AUROC / pixel AUROC / pixel AP / AUPRO on validation and
+//! test for every variant (the image score is the map's maximum unless the line says detection).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use dsr_core::feature_memory::{default_capacity, pixel_rows, FeatureMemory};
+use dsr_core::weights::load_checkpoint;
+use dsr_core::{DsrModel, Execution, OutputMap};
+use dsr_eval::{evaluate, Detector, EvalOptions, Evaluation};
+use dsr_train::data::split_validation;
+use dsr_train::pipeline::samples_of;
+use dsr_train::session::{parse_val_split, RunConfig};
+
+fn load(paths: &[PathBuf], size: usize) -> Result<Tensor> {
+    let mut data = Vec::new();
+    for p in paths {
+        let img = dsr_eval::image::load_image(p, [size, size], u64::MAX)?;
+        data.extend_from_slice(&img.chw);
+    }
+    Ok(Tensor::from_vec(
+        data,
+        (paths.len(), 3, size, size),
+        &Device::Cpu,
+    )?)
+}
+
+/// Per-pixel memory features of `images`, as the product computes them.
+fn features(model: &DsrModel, images: &Tensor) -> Result<Tensor> {
+    Ok(FeatureMemory::features(&model.discrete().encode(images)?)?)
+}
+
+/// Maps of one set: detection, detection of the flipped image flipped back, and memory distance
+/// maps (nearest / bilinear) at each feature size.
+struct SetMaps {
+    det: Vec<f32>,
+    det_flip: Vec<f32>,
+    mem: Vec<(String, Vec<f32>)>,
+}
+
+fn set_maps(
+    model: &DsrModel,
+    mems: &[(usize, FeatureMemory)],
+    ev: &Evaluation,
+    size: usize,
+) -> Result<SetMaps> {
+    let [eh, ew] = ev.size;
+    let mut det = Vec::new();
+    let mut det_flip = Vec::new();
+    let mut mem: Vec<(String, Vec<f32>)> = Vec::new();
+    for (fs, _) in mems {
+        for up in ["nearest", "bilinear"] {
+            mem.push((format!("memory {fs} {up}"), Vec::new()));
+        }
+    }
+    let det_model = model.clone().with_output_map(OutputMap::Detection);
+    for chunk in ev.samples.chunks(4) {
+        let paths: Vec<PathBuf> = chunk.iter().map(|s| s.path.clone()).collect();
+        let x = load(&paths, size)?;
+        det.extend(
+            det_model
+                .infer(&x)?
+                .anomaly_map
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
+        let xf = x.flip(&[3])?.contiguous()?;
+        let mf = det_model.infer(&xf)?.anomaly_map.contiguous()?.flip(&[2])?;
+        det_flip.extend(mf.flatten_all()?.to_vec1::<f32>()?);
+        for (i, (fs, m)) in mems.iter().enumerate() {
+            let xs = if *fs == size {
+                x.clone()
+            } else {
+                load(&paths, *fs)?
+            };
+            let f = features(model, &xs)?;
+            let (b, _, h, w) = f.dims4()?;
+            let d = m.nearest_distances(&pixel_rows(&f)?)?;
+            let t = Tensor::from_vec(d, (b, 1, h, w), &Device::Cpu)?;
+            mem[2 * i].1.extend(
+                t.upsample_nearest2d(eh, ew)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+            mem[2 * i + 1].1.extend(
+                t.upsample_bilinear2d(eh, ew, false)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+        }
+    }
+    Ok(SetMaps { det, det_flip, mem })
+}
+
+fn figures(ev: &Evaluation, maps: Vec<f32>, scores: Option<Vec<f32>>) -> Result<[f64; 4]> {
+    let mut e = ev.clone();
+    let px = ev.size[0] * ev.size[1];
+    e.scores = match scores {
+        Some(s) => s,
+        None => maps
+            .chunks(px)
+            .map(|m| m.iter().cloned().fold(f32::MIN, f32::max))
+            .collect(),
+    };
+    e.maps = maps;
+    let post = e.fit_postprocessor()?;
+    let m = e.metrics(&post)?;
+    Ok([m.image_auroc, m.pixel_auroc, m.pixel_ap, m.pixel_aupro])
+}
+
+/// Mean and standard deviation of the maps of the normal images of `ev`.
+fn normal_stats(ev: &Evaluation, maps: &[f32]) -> (f32, f32) {
+    let px = ev.size[0] * ev.size[1];
+    let (mut n, mut s, mut s2) = (0f64, 0f64, 0f64);
+    for (m, &l) in maps.chunks(px).zip(&ev.labels) {
+        if !l {
+            for &v in m {
+                n += 1.0;
+                s += f64::from(v);
+                s2 += f64::from(v) * f64::from(v);
+            }
+        }
+    }
+    let mean = s / n;
+    (mean as f32, (s2 / n - mean * mean).max(1e-12).sqrt() as f32)
+}
+
+fn line(name: &str, v: [f64; 4], t: [f64; 4]) {
+    println!(
+        "{name:<40} | {:.3} / {:.3} / {:.3} / {:.3} | {:.3} / {:.3} / {:.3} / {:.3}",
+        v[0], v[1], v[2], v[3], t[0], t[1], t[2], t[3]
+    );
+}
+
+fn average(a: &[f32], b: &[f32]) -> Vec<f32> {
+    a.iter().zip(b).map(|(x, y)| 0.5 * (x + y)).collect()
+}
+
+fn main() -> Result<()> {
+    let run = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .context("usage: map_variants RUN_DIR")?,
+    );
+    let text = std::fs::read_to_string(run.join("config.toml"))?;
+    let cfg: RunConfig = toml::from_str(&text)?;
+    let listing = cfg.data.listing(cfg.train.seed)?;
+    let splits = split_validation(
+        &listing,
+        parse_val_split(&cfg.data.val_split, cfg.train.seed)?,
+    )?;
+    let ckpt = load_checkpoint(&run.join("weights/model.safetensors"))?;
+    let model_cfg = ckpt.config.context("no configuration")?;
+    let size = ckpt.image_size.context("no image size")?;
+    let model = ckpt
+        .build_model(&model_cfg, &Device::Cpu)?
+        .with_execution(Execution::default());
+    let det = Detector::new(
+        model.clone().with_output_map(OutputMap::Detection),
+        size,
+        None,
+        &Device::Cpu,
+    )?;
+    let options = EvalOptions::default();
+    let val = evaluate(&det, samples_of(&splits.val), &options)?;
+    let test = evaluate(&det, samples_of(&splits.test), &options)?;
+
+    let train: Vec<PathBuf> = splits.train.iter().map(|e| e.path.clone()).collect();
+    let cap = default_capacity(features(&model, &load(&train[..1], size[0])?)?.dims4()?.1);
+    let mut mems = Vec::new();
+    for fs in [size[0], 2 * size[0]] {
+        let mut batches = Vec::new();
+        for chunk in train.chunks(8) {
+            batches.push(features(&model, &load(chunk, fs)?)?);
+        }
+        mems.push((fs, FeatureMemory::from_features(&batches, cap)?));
+    }
+    let t0 = std::time::Instant::now();
+    let v = set_maps(&model, &mems, &val, size[0])?;
+    let t = set_maps(&model, &mems, &test, size[0])?;
+    eprintln!("maps: {:.1} s", t0.elapsed().as_secs_f64());
+
+    line(
+        "detection (detection score)",
+        figures(&val, v.det.clone(), Some(val.scores.clone()))?,
+        figures(&test, t.det.clone(), Some(test.scores.clone()))?,
+    );
+    let vdf = average(&v.det, &v.det_flip);
+    let tdf = average(&t.det, &t.det_flip);
+    line(
+        "detection + flip (detection score)",
+        figures(&val, vdf.clone(), Some(val.scores.clone()))?,
+        figures(&test, tdf.clone(), Some(test.scores.clone()))?,
+    );
+    let mut mem_v = v.mem.clone();
+    let mut mem_t = t.mem.clone();
+    // The two feature sizes' bilinear maps averaged after standardising each.
+    let (a, b) = (&v.mem[1].1, &v.mem[3].1);
+    let (ma, sa) = normal_stats(&val, a);
+    let (mb, sb) = normal_stats(&val, b);
+    let st = |x: &[f32], y: &[f32]| -> Vec<f32> {
+        x.iter()
+            .zip(y)
+            .map(|(p, q)| (p - ma) / sa + (q - mb) / sb)
+            .collect()
+    };
+    mem_v.push(("memory both sizes bilinear".into(), st(a, b)));
+    mem_t.push((
+        "memory both sizes bilinear".into(),
+        st(&t.mem[1].1, &t.mem[3].1),
+    ));
+    for ((name, mv), (_, mt)) in mem_v.iter().zip(&mem_t) {
+        line(
+            name,
+            figures(&val, mv.clone(), None)?,
+            figures(&test, mt.clone(), None)?,
+        );
+        for (dname, dv, dt) in [("det", &v.det, &t.det), ("det+flip", &vdf, &tdf)] {
+            let (mk, sk) = normal_stats(&val, mv);
+            let (md, sd) = normal_stats(&val, dv);
+            for wk in [0.5f32, 1.0, 2.0] {
+                let comb = |mm: &[f32], dm: &[f32]| -> Vec<f32> {
+                    mm.iter()
+                        .zip(dm)
+                        .map(|(&a, &b)| wk * (a - mk) / sk + (b - md) / sd)
+                        .collect()
+                };
+                line(
+                    &format!("  + {dname}, weight {wk}"),
+                    figures(&val, comb(mv, dv), Some(val.scores.clone()))?,
+                    figures(&test, comb(mt, dt), Some(test.scores.clone()))?,
+                );
+            }
+        }
+    }
+    Ok(())
+}
