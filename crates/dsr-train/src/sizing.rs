@@ -22,20 +22,16 @@ const AREA_TOLERANCE: f64 = 1.25;
 
 /// The width / height ratio of one image, read from its header (nothing is decoded).
 pub fn aspect_of(path: &Path) -> Result<f64, DataError> {
+    let io = |source| {
+        DataError::Image(ImageError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
     let reader = image::ImageReader::open(path)
-        .map_err(|source| {
-            DataError::Image(ImageError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        })?
+        .map_err(io)?
         .with_guessed_format()
-        .map_err(|source| {
-            DataError::Image(ImageError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        })?;
+        .map_err(io)?;
     let (w, h) = reader.into_dimensions().map_err(|e| {
         DataError::Image(ImageError::NotAnImage {
             path: path.to_path_buf(),
