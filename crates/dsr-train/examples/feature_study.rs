@@ -29,6 +29,9 @@ use dsr_train::session::{parse_val_split, RunConfig};
 #[path = "support/blur.rs"]
 mod blur;
 use blur::blur;
+#[path = "support/study.rs"]
+mod study;
+use study::{figures, load, normal_stats};
 
 /// Per-pixel features `B×C×h×w` of `images` (`B×3×S×S`).
 fn features(dlm: &DiscreteLatentModel, images: &Tensor, kind: &str) -> Result<Tensor> {
@@ -54,19 +57,6 @@ fn features(dlm: &DiscreteLatentModel, images: &Tensor, kind: &str) -> Result<Te
     Ok(f.avg_pool2d_with_stride(3, 1)?)
 }
 
-fn load(paths: &[PathBuf], size: usize) -> Result<Tensor> {
-    let mut data = Vec::new();
-    for p in paths {
-        let img = dsr_eval::image::load_image(p, [size, size], u64::MAX)?;
-        data.extend_from_slice(&img.chw);
-    }
-    Ok(Tensor::from_vec(
-        data,
-        (paths.len(), 3, size, size),
-        &Device::Cpu,
-    )?)
-}
-
 /// The memory map of every sample of `ev`, at the evaluation's size.
 fn memory_maps(
     dlm: &DiscreteLatentModel,
@@ -87,44 +77,6 @@ fn memory_maps(
         out.extend(t.flatten_all()?.to_vec1::<f32>()?);
     }
     Ok(out)
-}
-
-fn figures(ev: &Evaluation, maps: Vec<f32>, scores: Option<Vec<f32>>) -> Result<[f64; 4]> {
-    let mut e = ev.clone();
-    let px = ev.size[0] * ev.size[1];
-    e.scores = match scores {
-        Some(s) => s,
-        None => maps
-            .chunks(px)
-            .map(|m| m.iter().cloned().fold(f32::MIN, f32::max))
-            .collect(),
-    };
-    e.maps = maps;
-    let post = e.fit_postprocessor()?;
-    let m = e.metrics(&post)?;
-    Ok([m.image_auroc, m.pixel_auroc, m.pixel_ap, m.pixel_aupro])
-}
-
-/// Mean and standard deviation of the maps of the normal images of `ev`.
-fn normal_stats(ev: &Evaluation, maps: &[f32]) -> (f32, f32) {
-    let px = ev.size[0] * ev.size[1];
-    let mut n = 0f64;
-    let mut s = 0f64;
-    let mut s2 = 0f64;
-    for (m, &l) in maps.chunks(px).zip(&ev.labels) {
-        if !l {
-            for &v in m {
-                n += 1.0;
-                s += v as f64;
-                s2 += (v as f64) * (v as f64);
-            }
-        }
-    }
-    let mean = s / n;
-    (
-        (mean) as f32,
-        ((s2 / n - mean * mean).max(1e-12)).sqrt() as f32,
-    )
 }
 
 fn line(name: &str, v: [f64; 4], t: [f64; 4]) {
