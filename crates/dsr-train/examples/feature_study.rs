@@ -18,20 +18,16 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use dsr_core::discrete::DiscreteLatentModel;
 use dsr_core::feature_memory::{pixel_rows, FeatureMemory};
-use dsr_core::weights::load_checkpoint;
-use dsr_core::{Execution, OutputMap};
-use dsr_eval::{evaluate, Detector, EvalOptions, Evaluation};
+use dsr_core::OutputMap;
+use dsr_eval::Evaluation;
 use dsr_train::codebook::GeneralCodebook;
-use dsr_train::data::split_validation;
-use dsr_train::pipeline::samples_of;
-use dsr_train::session::{parse_val_split, RunConfig};
 
 #[path = "support/blur.rs"]
 mod blur;
 use blur::blur;
 #[path = "support/study.rs"]
 mod study;
-use study::{figures, load, normal_stats};
+use study::{figures, load, normal_stats, StudyRun};
 
 /// Per-pixel features `B×C×h×w` of `images` (`B×3×S×S`).
 fn features(dlm: &DiscreteLatentModel, images: &Tensor, kind: &str) -> Result<Tensor> {
@@ -99,29 +95,15 @@ fn main() -> Result<()> {
             k
         }
     };
-    let text = std::fs::read_to_string(run.join("config.toml"))?;
-    let cfg: RunConfig = toml::from_str(&text)?;
-    let listing = cfg.data.listing(cfg.train.seed)?;
-    let splits = split_validation(
-        &listing,
-        parse_val_split(&cfg.data.val_split, cfg.train.seed)?,
-    )?;
-    let ckpt = load_checkpoint(&run.join("weights/model.safetensors"))?;
-    let model_cfg = ckpt.config.context("no configuration")?;
-    let size = ckpt.image_size.context("no image size")?;
-    let model = ckpt
-        .build_model(&model_cfg, &Device::Cpu)?
-        .with_execution(Execution::default());
-    let det = Detector::new(
-        model.clone().with_output_map(OutputMap::Detection),
+    let study_run = StudyRun::open(&run)?;
+    let StudyRun {
+        splits,
+        model,
         size,
-        None,
-        &Device::Cpu,
-    )?;
-    let options = EvalOptions::default();
+    } = &study_run;
+    let size = *size;
     let t0 = std::time::Instant::now();
-    let val = evaluate(&det, samples_of(&splits.val), &options)?;
-    let test = evaluate(&det, samples_of(&splits.test), &options)?;
+    let (val, test) = study_run.evaluate(OutputMap::Detection)?;
     eprintln!("detection maps: {:.1} s", t0.elapsed().as_secs_f64());
     line(
         "detection",

@@ -14,25 +14,21 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
-use dsr_core::weights::load_checkpoint;
-use dsr_core::{Execution, OutputMap};
-use dsr_eval::{evaluate, Detector, EvalOptions, Evaluation};
-use dsr_train::data::split_validation;
-use dsr_train::pipeline::samples_of;
-use dsr_train::session::{parse_val_split, RunConfig};
+use dsr_core::OutputMap;
+use dsr_eval::Evaluation;
 
 #[path = "support/blur.rs"]
 mod blur;
 use blur::blur;
+#[path = "support/study.rs"]
+#[allow(dead_code)] // the shared study helpers; this study needs only the run and the figures
+mod study;
+use study::{figures, StudyRun};
 
-/// The four figures of `ev` with its maps smoothed by `sigma`.
-fn figures(ev: &Evaluation, sigma: f32) -> Result<[f64; 4]> {
-    let mut e = ev.clone();
-    e.maps = blur(&ev.maps, ev.size[0], ev.size[1], sigma);
-    let post = e.fit_postprocessor()?;
-    let m = e.metrics(&post)?;
-    Ok([m.image_auroc, m.pixel_auroc, m.pixel_ap, m.pixel_aupro])
+/// The four figures of `ev` with its maps smoothed by `sigma` (its image scores kept).
+fn smoothed_figures(ev: &Evaluation, sigma: f32) -> Result<[f64; 4]> {
+    let maps = blur(&ev.maps, ev.size[0], ev.size[1], sigma);
+    figures(ev, maps, Some(ev.scores.clone()))
 }
 
 fn main() -> Result<()> {
@@ -45,28 +41,13 @@ fn main() -> Result<()> {
     if sigmas.is_empty() {
         sigmas = vec![0.0, 1.0, 2.0, 4.0, 8.0];
     }
-    let text = std::fs::read_to_string(run.join("config.toml"))
-        .with_context(|| format!("{}: cannot read", run.join("config.toml").display()))?;
-    let cfg: RunConfig = toml::from_str(&text).context("config.toml")?;
-    let listing = cfg.data.listing(cfg.train.seed)?;
-    let splits = split_validation(
-        &listing,
-        parse_val_split(&cfg.data.val_split, cfg.train.seed)?,
-    )?;
-    let ckpt = load_checkpoint(&run.join("weights/model.safetensors"))?;
-    let model_cfg = ckpt.config.context("no configuration in the model")?;
-    let size = ckpt.image_size.context("no image size in the model")?;
-    let model = ckpt.build_model(&model_cfg, &Device::Cpu)?;
-    let model = model.with_execution(Execution::default());
-    let options = EvalOptions::default();
+    let study_run = StudyRun::open(&run)?;
     println!("map        sigma | validation: image AUROC / pixel AUROC / pixel AP / AUPRO | test");
     for map in [OutputMap::Detection, OutputMap::Refined] {
-        let det = Detector::new(model.clone().with_output_map(map), size, None, &Device::Cpu)?;
-        let val = evaluate(&det, samples_of(&splits.val), &options)?;
-        let test = evaluate(&det, samples_of(&splits.test), &options)?;
+        let (val, test) = study_run.evaluate(map)?;
         for &s in &sigmas {
-            let v = figures(&val, s)?;
-            let t = figures(&test, s)?;
+            let v = smoothed_figures(&val, s)?;
+            let t = smoothed_figures(&test, s)?;
             println!(
                 "{:<10} {:>5.1} | {:.3} / {:.3} / {:.3} / {:.3} | {:.3} / {:.3} / {:.3} / {:.3}",
                 map.to_string(),

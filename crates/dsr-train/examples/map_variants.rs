@@ -15,16 +15,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use dsr_core::feature_memory::{default_capacity, pixel_rows, FeatureMemory};
-use dsr_core::weights::load_checkpoint;
-use dsr_core::{DsrModel, Execution, OutputMap};
-use dsr_eval::{evaluate, Detector, EvalOptions, Evaluation};
-use dsr_train::data::split_validation;
-use dsr_train::pipeline::samples_of;
-use dsr_train::session::{parse_val_split, RunConfig};
+use dsr_core::{DsrModel, OutputMap};
+use dsr_eval::Evaluation;
 
 #[path = "support/study.rs"]
 mod study;
-use study::{figures, load, normal_stats};
+use study::{figures, load, normal_stats, StudyRun};
 
 /// Per-pixel memory features of `images`, as the product computes them.
 fn features(model: &DsrModel, images: &Tensor) -> Result<Tensor> {
@@ -110,42 +106,28 @@ fn main() -> Result<()> {
             .nth(1)
             .context("usage: map_variants RUN_DIR")?,
     );
-    let text = std::fs::read_to_string(run.join("config.toml"))?;
-    let cfg: RunConfig = toml::from_str(&text)?;
-    let listing = cfg.data.listing(cfg.train.seed)?;
-    let splits = split_validation(
-        &listing,
-        parse_val_split(&cfg.data.val_split, cfg.train.seed)?,
-    )?;
-    let ckpt = load_checkpoint(&run.join("weights/model.safetensors"))?;
-    let model_cfg = ckpt.config.context("no configuration")?;
-    let size = ckpt.image_size.context("no image size")?;
-    let model = ckpt
-        .build_model(&model_cfg, &Device::Cpu)?
-        .with_execution(Execution::default());
-    let det = Detector::new(
-        model.clone().with_output_map(OutputMap::Detection),
+    let study_run = StudyRun::open(&run)?;
+    let StudyRun {
+        splits,
+        model,
         size,
-        None,
-        &Device::Cpu,
-    )?;
-    let options = EvalOptions::default();
-    let val = evaluate(&det, samples_of(&splits.val), &options)?;
-    let test = evaluate(&det, samples_of(&splits.test), &options)?;
+    } = &study_run;
+    let size = *size;
+    let (val, test) = study_run.evaluate(OutputMap::Detection)?;
 
     let train: Vec<PathBuf> = splits.train.iter().map(|e| e.path.clone()).collect();
-    let cap = default_capacity(features(&model, &load(&train[..1], size[0])?)?.dims4()?.1);
+    let cap = default_capacity(features(model, &load(&train[..1], size[0])?)?.dims4()?.1);
     let mut mems = Vec::new();
     for fs in [size[0], 2 * size[0]] {
         let mut batches = Vec::new();
         for chunk in train.chunks(8) {
-            batches.push(features(&model, &load(chunk, fs)?)?);
+            batches.push(features(model, &load(chunk, fs)?)?);
         }
         mems.push((fs, FeatureMemory::from_features(&batches, cap)?));
     }
     let t0 = std::time::Instant::now();
-    let v = set_maps(&model, &mems, &val, size[0])?;
-    let t = set_maps(&model, &mems, &test, size[0])?;
+    let v = set_maps(model, &mems, &val, size[0])?;
+    let t = set_maps(model, &mems, &test, size[0])?;
     eprintln!("maps: {:.1} s", t0.elapsed().as_secs_f64());
 
     line(
